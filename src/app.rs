@@ -1,0 +1,76 @@
+//! Composition root: config → pools → listener. Owns everything that lives as long as the
+//! proxy: no globals, so tests run many proxies in one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::client::{CancelRegistry, ClientContext};
+use crate::config::Config;
+use crate::listener::{accept_loop, ClientCount};
+use crate::pool::Pools;
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    addr: SocketAddr,
+    pools: Arc<Pools>,
+    clients: Arc<ClientCount>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Binds `config.listen_addr` and starts accepting.
+    pub async fn start(config: Config) -> std::io::Result<Proxy> {
+        let listener = TcpListener::bind(config.listen_addr).await?;
+        let addr = listener.local_addr()?;
+        let pools = Arc::new(Pools::new(Arc::new(config)));
+        let mut proxy_secret = [0u8; 32];
+        rand::fill(&mut proxy_secret);
+        let ctx = Arc::new(ClientContext {
+            pools: pools.clone(),
+            cancels: Arc::new(CancelRegistry::default()),
+            proxy_secret,
+        });
+        let clients = Arc::new(ClientCount::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(listener, ctx, clients.clone(), stop_rx));
+        tracing::info!(%addr, "pgsluice listening");
+        Ok(Proxy {
+            addr,
+            pools,
+            clients,
+            stop,
+            task,
+        })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The pools (for inspection: counts, stats).
+    pub fn pools(&self) -> &Arc<Pools> {
+        &self.pools
+    }
+
+    /// Client connections open now.
+    pub fn clients(&self) -> u32 {
+        self.clients.get()
+    }
+
+    /// Stops accepting and closes idle server connections. Connected clients keep running
+    /// until they leave.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        for pool in self.pools.all() {
+            pool.close_idle();
+        }
+    }
+}

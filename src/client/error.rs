@@ -1,0 +1,118 @@
+//! Every failure a client can see, and the ONE mapping from it to an ErrorResponse with a
+//! precise SQLSTATE. The match is exhaustive on purpose: a new variant must choose its code.
+
+use std::time::Duration;
+
+use crate::config::duration::fmt_duration;
+use crate::pool::CheckoutError;
+use crate::proto::backend::{PgError, Severity};
+use crate::proto::sqlstate as code;
+use crate::proto::ProtoError;
+use crate::server::ServerError;
+
+/// A failure to report to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Malformed or oversized message.
+    #[error("{0}")]
+    Protocol(#[from] ProtoError),
+    /// Protocol major version other than 3.
+    #[error("unsupported frontend protocol {major}.{minor}")]
+    UnsupportedProtocol {
+        /// Requested major version.
+        major: u16,
+        /// Requested minor version.
+        minor: u16,
+    },
+    /// A replication connection was requested.
+    #[error("replication connections are not supported")]
+    Replication,
+    /// The startup packet named no user.
+    #[error("no user name in startup packet")]
+    NoUser,
+    /// A startup `options` value pgsluice cannot apply.
+    #[error("{0}")]
+    BadOptions(String),
+    /// Wrong password or unknown user (the same answer, on purpose).
+    #[error("password authentication failed for user {0:?}")]
+    AuthFailed(String),
+    /// The client did not follow the authentication exchange.
+    #[error("authentication exchange broken: {0}")]
+    AuthProtocol(String),
+    /// No such database in the config (reported only after authentication).
+    #[error("database {0:?} does not exist")]
+    UnknownDatabase(String),
+    /// `max_client_conn` reached.
+    #[error("too many client connections (max_client_conn = {0})")]
+    TooManyClients(u32),
+    /// `client_login_timeout` passed.
+    #[error("login timed out")]
+    LoginTimeout(Duration),
+    /// No server connection could be had.
+    #[error("{0}")]
+    Checkout(#[from] CheckoutError),
+    /// The backend refused a session setting (reported at login with its own error).
+    #[error("{0}")]
+    Setting(PgError),
+    /// The server connection broke while serving this client, with nothing sent by the backend.
+    #[error("server connection lost")]
+    ServerLost,
+}
+
+impl ClientError {
+    /// The ErrorResponse for this failure.
+    pub fn to_pg_error(&self, severity: Severity) -> PgError {
+        let msg = self.to_string();
+        match self {
+            ClientError::Protocol(ProtoError::TooLarge { .. }) => {
+                PgError::new(severity, code::PROGRAM_LIMIT_EXCEEDED, msg).with_hint("raise max_packet_size")
+            }
+            ClientError::Protocol(
+                ProtoError::BadLength(_) | ProtoError::Truncated(_) | ProtoError::Invalid(_),
+            ) => PgError::new(severity, code::PROTOCOL_VIOLATION, msg),
+            ClientError::UnsupportedProtocol { .. } => PgError::new(
+                severity,
+                code::FEATURE_NOT_SUPPORTED,
+                format!("{msg}: server supports 3.0 to 3.0"),
+            ),
+            ClientError::Replication => PgError::new(severity, code::FEATURE_NOT_SUPPORTED, msg),
+            ClientError::NoUser => PgError::new(severity, code::INVALID_AUTHORIZATION, msg),
+            ClientError::BadOptions(_) => PgError::new(severity, code::FEATURE_NOT_SUPPORTED, msg),
+            ClientError::AuthFailed(_) => PgError::new(severity, code::INVALID_PASSWORD, msg),
+            ClientError::AuthProtocol(_) => PgError::new(severity, code::PROTOCOL_VIOLATION, msg),
+            ClientError::UnknownDatabase(_) => PgError::new(severity, code::INVALID_CATALOG_NAME, msg),
+            ClientError::TooManyClients(_) => PgError::new(severity, code::TOO_MANY_CONNECTIONS, msg),
+            ClientError::LoginTimeout(d) => PgError::new(
+                severity,
+                code::QUERY_CANCELED,
+                format!(
+                    "canceling authentication due to timeout (client_login_timeout = {})",
+                    fmt_duration(*d)
+                ),
+            ),
+            ClientError::Checkout(CheckoutError::WaitTimeout { .. }) => {
+                PgError::new(severity, code::TOO_MANY_CONNECTIONS, msg)
+            }
+            ClientError::Checkout(CheckoutError::Connect { pool, source }) => match source {
+                // The backend's own answer (e.g. 28P01 from a wrong server_password, 3D000, 57P03)
+                // keeps its code; the message says it came from the backend.
+                ServerError::LoginRefused(e) => PgError::new(
+                    severity,
+                    e.code(),
+                    format!("backend refused login for pool {pool}: {}", e.message()),
+                ),
+                ServerError::Fatal(e) => PgError::new(severity, e.code(), e.message().to_string()),
+                ServerError::ConnectTimeout { .. }
+                | ServerError::Io { .. }
+                | ServerError::Closed
+                | ServerError::Protocol(_)
+                | ServerError::Unexpected(_) => PgError::new(severity, code::CONNECTION_FAILURE, msg),
+                ServerError::AuthUnsupported(_) | ServerError::Scram(_) => {
+                    PgError::new(severity, code::INVALID_AUTHORIZATION, msg)
+                }
+            },
+            ClientError::Setting(e) => e.clone().with_severity(severity),
+            ClientError::ServerLost => PgError::new(severity, code::CONNECTION_FAILURE, msg),
+        }
+    }
+}

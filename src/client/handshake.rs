@@ -1,0 +1,173 @@
+//! The front door: startup packet (SSL/GSS refusal, cancel requests, protocol negotiation),
+//! authentication, then login. Any failure here is FATAL and closes the connection.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use super::authenticate::authenticate;
+use super::cancel::CancelHandle;
+use super::io::{read_startup, Gone};
+use super::login::{prepare_session, write_welcome};
+use super::{ClientContext, ClientError};
+use crate::auth::secret::Secret;
+use crate::pool::Pool;
+use crate::proto::backend::{self, auth_code, Severity};
+use crate::proto::startup::{self, StartupRequest};
+use crate::relay::ClientIo;
+
+/// A client that logged in.
+#[derive(Debug)]
+pub struct LoggedIn {
+    /// Its pool.
+    pub pool: Arc<Pool>,
+    /// Session settings to apply on every server connection that serves it.
+    pub settings: BTreeMap<String, String>,
+    /// Its cancel key registration.
+    pub cancel: CancelHandle,
+}
+
+/// What the connection turned out to be.
+#[derive(Debug)]
+pub enum Opened {
+    /// A logged-in session.
+    Session(LoggedIn),
+    /// A cancel request (handled) or a refused login (answered): close the connection.
+    Done,
+}
+
+/// Runs the handshake; failures are answered with FATAL here.
+pub async fn handshake<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    ctx: &ClientContext,
+    admitted: bool,
+) -> Result<Opened, Gone> {
+    let config = ctx.pools.config().clone();
+    let attempt = handshake_inner(io, ctx, admitted);
+    let result = match config.client_login_timeout {
+        None => attempt.await?,
+        Some(t) => match tokio::time::timeout(t, attempt).await {
+            Ok(r) => r?,
+            Err(_) => Err(ClientError::LoginTimeout(t)),
+        },
+    };
+    match result {
+        Ok(opened) => Ok(opened),
+        Err(e) => {
+            tracing::info!(error = %e, "login refused");
+            e.to_pg_error(Severity::Fatal).write_error(&mut io.out);
+            io.flush().await?;
+            Ok(Opened::Done)
+        }
+    }
+}
+
+async fn handshake_inner<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    ctx: &ClientContext,
+    admitted: bool,
+) -> Result<Result<Opened, ClientError>, Gone> {
+    let mut encryption_requests = 0;
+    let (major, minor, params) = loop {
+        let body = match read_startup(&mut io.stream).await? {
+            Ok(b) => b,
+            Err(e) => return Ok(Err(e)),
+        };
+        match startup::parse(&body) {
+            Err(e) => return Ok(Err(e.into())),
+            Ok(StartupRequest::Ssl | StartupRequest::GssEnc) if encryption_requests < 2 => {
+                encryption_requests += 1;
+                io.out.extend_from_slice(b"N");
+                io.flush().await?;
+            }
+            Ok(StartupRequest::Ssl | StartupRequest::GssEnc) => {
+                return Ok(Err(crate::proto::ProtoError::Invalid(
+                    "repeated encryption request",
+                )
+                .into()))
+            }
+            Ok(StartupRequest::Cancel { pid, secret }) => {
+                ctx.cancels.cancel(pid, secret);
+                return Ok(Ok(Opened::Done));
+            }
+            Ok(StartupRequest::Startup { major, minor, params }) => break (major, minor, params),
+        }
+    };
+    if major != 3 {
+        return Ok(Err(ClientError::UnsupportedProtocol { major, minor }));
+    }
+    let unrecognised: Vec<&str> = params
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| k.starts_with("_pq_."))
+        .collect();
+    if minor > 0 || !unrecognised.is_empty() {
+        backend::negotiate_protocol_version(&mut io.out, 0, &unrecognised);
+    }
+    let mut user_name = None;
+    let mut database = None;
+    let mut settings = BTreeMap::new();
+    for (k, v) in &params {
+        match k.as_str() {
+            "user" => user_name = Some(v.clone()),
+            "database" => database = Some(v.clone()),
+            "replication" if startup::is_replication(v) => return Ok(Err(ClientError::Replication)),
+            "replication" => {}
+            "options" => match startup::parse_options(v) {
+                Ok(opts) => settings.extend(opts),
+                Err(e) => return Ok(Err(ClientError::BadOptions(e))),
+            },
+            k if k.starts_with("_pq_.") => {}
+            _ => {
+                settings.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let Some(user_name) = user_name.filter(|u| !u.is_empty()) else {
+        return Ok(Err(ClientError::NoUser));
+    };
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user_name.clone());
+    if !admitted {
+        return Ok(Err(ClientError::TooManyClients(
+            ctx.pools.config().max_client_conn,
+        )));
+    }
+
+    let config = ctx.pools.config().clone();
+    let user = config.users.get(&user_name);
+    let authed = match authenticate(io, &user_name, user, config.auth_type, &ctx.proxy_secret).await? {
+        Ok(a) => a,
+        Err(e) => return Ok(Err(e)),
+    };
+    let Some(user) = user else {
+        return Ok(Err(ClientError::AuthFailed(user_name)));
+    };
+    backend::auth(&mut io.out, auth_code::OK, &[]);
+    let Some(db) = config.databases.get(&database) else {
+        return Ok(Err(ClientError::UnknownDatabase(database)));
+    };
+    let pool = ctx.pools.get(db, user);
+    if let (Some((client_key, server_key)), Some(Secret::Scram(_))) = (authed.scram_keys, &user.secret) {
+        pool.learn_scram_keys(client_key, server_key);
+    }
+    // Tell the client it is in while we may wait for a first server login.
+    io.flush().await?;
+    let deadline = config.query_wait_timeout.map(|t| Instant::now() + t);
+    let params = match prepare_session(&pool, &settings, deadline).await {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e)),
+    };
+    let cancel = ctx.cancels.register();
+    write_welcome(io, &params, &cancel);
+    io.flush().await?;
+    tracing::debug!(pool = %pool.key, "client logged in");
+    Ok(Ok(Opened::Session(LoggedIn {
+        pool,
+        settings,
+        cancel,
+    })))
+}

@@ -1,0 +1,248 @@
+//! The session loop of a logged-in client: wait for its next request, get a server connection
+//! (checkout + settings), relay until the transaction or session ends, release or discard.
+//! Failures inside a session are ERROR + ReadyForQuery, and the client stays connected
+//! whenever that is safe.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use super::handshake::LoggedIn;
+use super::io::Gone;
+use super::ClientError;
+use crate::config::PoolMode;
+use crate::pool::{Pool, PoolStats, Pooled};
+use crate::proto::backend::{self, Severity};
+use crate::proto::frame::parse_header;
+use crate::relay::{relay, ClientIo, Mode, Outcome};
+
+/// Fresh server connections tried when one dies before any client byte reached it.
+const CHECKOUT_ATTEMPTS: usize = 3;
+/// Bound on the session-mode reset query.
+const RESET_LIMIT: Duration = Duration::from_secs(10);
+
+/// Serves a logged-in client until it leaves.
+pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(io: &mut ClientIo<C>, s: LoggedIn) -> Result<(), Gone> {
+    let mode = match s.pool.settings.pool_mode {
+        PoolMode::Transaction => Mode::Transaction,
+        PoolMode::Session => Mode::Session,
+    };
+    loop {
+        // Idle: wait for the start of the client's next request.
+        let tag = loop {
+            match parse_header(&io.inbuf, io.max_body) {
+                Err(e) => return fatal(io, ClientError::Protocol(e)).await,
+                Ok(Some(h)) => break h.tag,
+                Ok(None) => io.fill().await?,
+            }
+        };
+        if tag == b'X' {
+            return Ok(());
+        }
+        if matches!(tag, b'd' | b'c' | b'f') {
+            // COPY messages after a failed COPY: the backend ignores them, and so do we.
+            discard_message(io).await?;
+            continue;
+        }
+        let deadline = s.pool.query_wait_timeout.map(|t| Instant::now() + t);
+        let mut server = match checkout(&s.pool, &s.settings, deadline).await {
+            Ok(server) => server,
+            Err(e) => {
+                tracing::info!(pool = %s.pool.key, error = %e, "request failed before reaching a server");
+                fail_request(io, &e).await?;
+                continue;
+            }
+        };
+        s.cancel.attach(&server);
+        let (outcome, _) = relay(io, &mut server, mode).await;
+        s.cancel.detach();
+        PoolStats::bump(&s.pool.stats.transactions);
+        match outcome {
+            Outcome::Released => {
+                server.release();
+                io.flush().await?;
+            }
+            Outcome::ClientGone { server_clean } => {
+                finish_server(server, server_clean, mode).await;
+                return Ok(());
+            }
+            Outcome::ClientProtocol(e) => {
+                server.discard();
+                return fatal(io, ClientError::Protocol(e)).await;
+            }
+            Outcome::ServerGone {
+                error_sent,
+                pending,
+                tx_status,
+                client_skip,
+                unsynced,
+            } => {
+                server.discard();
+                tracing::warn!(pool = %s.pool.key, "server connection lost while serving a client");
+                if mode == Mode::Session {
+                    if error_sent.is_none() {
+                        ClientError::ServerLost
+                            .to_pg_error(Severity::Fatal)
+                            .write_error(&mut io.out);
+                    }
+                    io.flush().await?;
+                    return Ok(());
+                }
+                skip_bytes(io, client_skip).await?;
+                let status = if matches!(tx_status, b'T' | b'E') {
+                    b'E'
+                } else {
+                    b'I'
+                };
+                let mut owed = pending;
+                if error_sent.is_none() {
+                    ClientError::ServerLost
+                        .to_pg_error(Severity::Error)
+                        .write_error(&mut io.out);
+                }
+                if owed > 0 {
+                    backend::ready_for_query(&mut io.out, status);
+                    owed -= 1;
+                }
+                for _ in 0..owed {
+                    ClientError::ServerLost
+                        .to_pg_error(Severity::Error)
+                        .write_error(&mut io.out);
+                    backend::ready_for_query(&mut io.out, status);
+                }
+                io.flush().await?;
+                if unsynced {
+                    skip_to_sync(io, status).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Checks out a server connection and brings it to the client's settings. A connection that
+/// dies before any client byte was written to it is replaced transparently.
+async fn checkout(
+    pool: &Arc<Pool>,
+    settings: &BTreeMap<String, String>,
+    deadline: Option<Instant>,
+) -> Result<Pooled, ClientError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let mut server = pool.checkout(deadline).await?;
+        match server.sync_settings(settings).await {
+            Ok(None) => return Ok(server),
+            Ok(Some(err)) => {
+                server.release();
+                return Err(ClientError::Setting(err));
+            }
+            Err(e) if attempts < CHECKOUT_ATTEMPTS => {
+                tracing::debug!(pool = %pool.key, error = %e, "server failed while applying settings; retrying");
+                server.discard();
+            }
+            Err(_) => {
+                server.discard();
+                return Err(ClientError::ServerLost);
+            }
+        }
+    }
+}
+
+/// Returns or closes the server connection of a client that left.
+async fn finish_server(mut server: Pooled, clean: bool, mode: Mode) {
+    if !clean {
+        // Mid-transaction or mid-COPY: its state is unknown, never reuse it.
+        server.discard();
+        return;
+    }
+    if mode == Mode::Session && !server.pool().reset_query.is_empty() {
+        let sql = server.pool().reset_query.clone();
+        match tokio::time::timeout(RESET_LIMIT, server.simple_query(&sql)).await {
+            Ok(Ok(None)) => server.applied.clear(),
+            _ => {
+                server.discard();
+                return;
+            }
+        }
+    }
+    server.release();
+}
+
+/// Answers a request that could not reach a server: ERROR, then the client's messages up to the
+/// end of the request are consumed (as the backend skips to Sync after an error), then
+/// ReadyForQuery.
+async fn fail_request<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    e: &ClientError,
+) -> Result<(), Gone> {
+    e.to_pg_error(Severity::Error).write_error(&mut io.out);
+    let tag = match parse_header(&io.inbuf, io.max_body) {
+        Ok(Some(h)) => h.tag,
+        Ok(None) | Err(_) => return io.flush().await,
+    };
+    if matches!(tag, b'Q' | b'F' | b'S') {
+        discard_message(io).await?;
+        backend::ready_for_query(&mut io.out, b'I');
+        return io.flush().await;
+    }
+    io.flush().await?;
+    skip_to_sync(io, b'I').await
+}
+
+/// Drops client messages through the next Sync, then sends ReadyForQuery.
+async fn skip_to_sync<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    status: u8,
+) -> Result<(), Gone> {
+    loop {
+        let tag = loop {
+            match parse_header(&io.inbuf, io.max_body) {
+                Err(e) => return fatal(io, ClientError::Protocol(e)).await.and(Err(Gone)),
+                Ok(Some(h)) => break h.tag,
+                Ok(None) => io.fill().await?,
+            }
+        };
+        if tag == b'X' {
+            return Err(Gone);
+        }
+        discard_message(io).await?;
+        if tag == b'S' {
+            backend::ready_for_query(&mut io.out, status);
+            return io.flush().await;
+        }
+    }
+}
+
+/// Drops the client message at the front of `inbuf`, streaming past a large body.
+async fn discard_message<C: AsyncRead + AsyncWrite + Unpin>(io: &mut ClientIo<C>) -> Result<(), Gone> {
+    let total = match parse_header(&io.inbuf, io.max_body) {
+        Ok(Some(h)) => h.total_len(),
+        Ok(None) | Err(_) => return Ok(()),
+    };
+    skip_bytes(io, total).await
+}
+
+async fn skip_bytes<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    mut n: usize,
+) -> Result<(), Gone> {
+    while n > 0 {
+        if io.inbuf.is_empty() {
+            io.fill().await?;
+        }
+        let k = n.min(io.inbuf.len());
+        bytes::Buf::advance(&mut io.inbuf, k);
+        n -= k;
+    }
+    Ok(())
+}
+
+/// Sends a FATAL and ends the session.
+async fn fatal<C: AsyncRead + AsyncWrite + Unpin>(io: &mut ClientIo<C>, e: ClientError) -> Result<(), Gone> {
+    tracing::info!(error = %e, "closing client connection");
+    e.to_pg_error(Severity::Fatal).write_error(&mut io.out);
+    io.flush().await
+}

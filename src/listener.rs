@@ -1,0 +1,71 @@
+//! Accepting client connections: bind, accept with backoff on errors (e.g. out of
+//! descriptors), count clients against `max_client_conn`, spawn one task per client.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::client::{self, ClientContext};
+
+/// Counts connected clients; the slot is given back when the guard drops.
+#[derive(Debug, Default)]
+pub struct ClientCount {
+    current: AtomicU32,
+}
+
+impl ClientCount {
+    /// Clients connected now.
+    pub fn get(&self) -> u32 {
+        self.current.load(Ordering::Relaxed)
+    }
+}
+
+struct Slot(Arc<ClientCount>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.current.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Accepts until `stop` turns true.
+pub async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<ClientContext>,
+    clients: Arc<ClientCount>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let max = ctx.pools.config().max_client_conn;
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => return,
+        };
+        let (stream, peer): (_, SocketAddr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(5);
+        let _ = stream.set_nodelay(true);
+        let admitted = clients.current.fetch_add(1, Ordering::Relaxed) < max;
+        let slot = Slot(clients.clone());
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let span = tracing::debug_span!("client", %peer);
+            let _enter = span.enter();
+            drop(_enter);
+            client::serve(stream, ctx, admitted).await;
+            drop(slot);
+        });
+    }
+}

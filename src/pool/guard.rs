@@ -1,0 +1,92 @@
+//! `Pooled`: the RAII handle on a checked-out server connection. `release` returns a clean
+//! connection; `discard` (or dropping the handle) closes it, so a connection whose state is
+//! unknown is never reused.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{lock, Pool};
+use crate::server::ServerConn;
+
+/// How long a released connection may wait for a forwarded cancel to finish before it is
+/// closed instead of reused.
+const CANCEL_SETTLE_LIMIT: Duration = Duration::from_secs(10);
+
+/// A checked-out server connection.
+#[derive(Debug)]
+pub struct Pooled {
+    pool: Arc<Pool>,
+    conn: Option<ServerConn>,
+}
+
+impl Pooled {
+    pub(super) fn new(pool: Arc<Pool>, conn: ServerConn) -> Self {
+        Pooled {
+            pool,
+            conn: Some(conn),
+        }
+    }
+
+    /// The pool it came from.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Returns a clean connection (ReadyForQuery 'I', nothing outstanding) to the pool. If a
+    /// cancel forwarded to its backend is still in flight, it rejoins only once that is over.
+    pub fn release(mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        if !conn.rbuf.is_empty() {
+            // Bytes after the final ReadyForQuery: the connection is out of step; never reuse.
+            self.pool.close(conn);
+            return;
+        }
+        if conn.cancel_gate.busy() {
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                if conn.cancel_gate.wait_idle(CANCEL_SETTLE_LIMIT).await {
+                    lock(&pool.state).give_back(conn);
+                } else {
+                    pool.close(conn);
+                }
+            });
+            return;
+        }
+        lock(&self.pool.state).give_back(conn);
+    }
+
+    /// Closes the connection (state unknown or broken).
+    pub fn discard(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.close(conn);
+        }
+    }
+}
+
+impl Deref for Pooled {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        match &self.conn {
+            Some(c) => c,
+            None => unreachable!("Pooled holds its connection until release or discard consumes it"),
+        }
+    }
+}
+
+impl DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        match &mut self.conn {
+            Some(c) => c,
+            None => unreachable!("Pooled holds its connection until release or discard consumes it"),
+        }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.close(conn);
+        }
+    }
+}

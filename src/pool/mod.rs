@@ -1,0 +1,195 @@
+//! Server-connection pools, one per (database, user): where a client waits for a server.
+//!
+//! `checkout` hands out a `Pooled` guard owning a `ServerConn`; the guard returns it on
+//! `release` (clean) or closes it on `discard`/drop. The state lives behind a sync mutex that is
+//! never held across an `.await`; waiters are FIFO and cancel-safe. No protocol I/O happens
+//! under the lock.
+
+mod checkout;
+mod guard;
+pub mod key;
+pub mod state;
+pub mod stats;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+pub use checkout::CheckoutError;
+pub use guard::Pooled;
+pub use key::PoolKey;
+pub use state::Counts;
+pub use stats::PoolStats;
+
+use crate::config::{Config, Database, PoolSettings, User};
+use crate::proto::backend::PgError;
+use crate::server::{LoginCredentials, ServerConn, ServerParams, ServerTarget};
+use state::PoolState;
+
+/// Whether a (name, value) session setting is accepted by the backend, learned once.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Valid; the value as the backend reports it (normalised), when it reports it.
+    Ok(Option<String>),
+    /// Refused with this error.
+    Refused(PgError),
+}
+
+/// One (database, user) pool.
+#[derive(Debug)]
+pub struct Pool {
+    /// Its identity.
+    pub key: PoolKey,
+    /// Size and mode.
+    pub settings: PoolSettings,
+    target: ServerTarget,
+    configured_creds: LoginCredentials,
+    /// Credentials learned from a client's SCRAM proof (pass-through), when none are configured.
+    learned_creds: Mutex<Option<LoginCredentials>>,
+    connect_timeout: Option<Duration>,
+    /// Bound on waiting for a server connection.
+    pub query_wait_timeout: Option<Duration>,
+    /// Query run before a session-mode connection is reused.
+    pub reset_query: String,
+    state: Mutex<PoolState<ServerConn>>,
+    /// Counters.
+    pub stats: PoolStats,
+    params: Mutex<Option<Arc<ServerParams>>>,
+    verdicts: Mutex<HashMap<(String, String), Verdict>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a pool lock leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Pool {
+    /// Builds the pool for (db, user) from the config snapshot.
+    pub fn new(config: &Config, db: &Database, user: &User) -> Pool {
+        let settings = config.pool_settings(db, user);
+        let (server_user, creds) = match (&db.server_credentials, &user.server_password) {
+            (Some((u, p)), _) => (u.clone(), LoginCredentials::Password(p.clone())),
+            (None, Some(p)) => (user.name.clone(), LoginCredentials::Password(p.clone())),
+            (None, None) => (user.name.clone(), LoginCredentials::None),
+        };
+        Pool {
+            key: PoolKey {
+                database: db.name.clone(),
+                user: user.name.clone(),
+            },
+            state: Mutex::new(PoolState::new(settings.pool_size)),
+            settings,
+            target: ServerTarget {
+                backend: db.backend.clone(),
+                dbname: db.dbname.clone(),
+                user: server_user,
+            },
+            configured_creds: creds,
+            learned_creds: Mutex::new(None),
+            connect_timeout: config.server_connect_timeout,
+            query_wait_timeout: config.query_wait_timeout,
+            reset_query: config.server_reset_query.clone(),
+            stats: PoolStats::default(),
+            params: Mutex::new(None),
+            verdicts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Remembers SCRAM keys recovered from a client's proof, used to log in when no password
+    /// is configured (pass-through).
+    pub fn learn_scram_keys(&self, client_key: [u8; 32], server_key: [u8; 32]) {
+        if matches!(self.configured_creds, LoginCredentials::None) {
+            *lock(&self.learned_creds) = Some(LoginCredentials::ScramKeys {
+                client_key,
+                server_key,
+            });
+        }
+    }
+
+    fn credentials(&self) -> LoginCredentials {
+        match &self.configured_creds {
+            LoginCredentials::None => lock(&self.learned_creds)
+                .clone()
+                .unwrap_or(LoginCredentials::None),
+            c => c.clone(),
+        }
+    }
+
+    /// ParameterStatus values of the most recent server login, if any login happened yet.
+    pub fn cached_params(&self) -> Option<Arc<ServerParams>> {
+        lock(&self.params).clone()
+    }
+
+    /// What the pool knows about a session setting.
+    pub fn verdict(&self, name: &str, value: &str) -> Option<Verdict> {
+        lock(&self.verdicts)
+            .get(&(name.to_string(), value.to_string()))
+            .cloned()
+    }
+
+    /// Records whether a session setting is valid.
+    pub fn record_verdict(&self, name: &str, value: &str, verdict: Verdict) {
+        lock(&self.verdicts).insert((name.to_string(), value.to_string()), verdict);
+    }
+
+    /// Connection counts now.
+    pub fn counts(&self) -> Counts {
+        lock(&self.state).counts()
+    }
+
+    /// Closes every idle connection (shutdown, reconnect).
+    pub fn close_idle(&self) {
+        let conns = lock(&self.state).drain_idle();
+        for c in conns {
+            self.close(c);
+        }
+    }
+
+    /// Closes a connection and frees its slot for the next waiter.
+    fn close(&self, mut conn: ServerConn) {
+        conn.terminate_nowait();
+        drop(conn);
+        PoolStats::bump(&self.stats.servers_closed);
+        lock(&self.state).slot_freed(false);
+    }
+}
+
+/// All pools of one config snapshot, created on first use.
+#[derive(Debug)]
+pub struct Pools {
+    config: Arc<Config>,
+    pools: Mutex<BTreeMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    /// An empty registry for `config`.
+    pub fn new(config: Arc<Config>) -> Pools {
+        Pools {
+            config,
+            pools: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The config snapshot these pools were built from.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// The pool for (db, user), created if needed.
+    pub fn get(&self, db: &Database, user: &User) -> Arc<Pool> {
+        let key = PoolKey {
+            database: db.name.clone(),
+            user: user.name.clone(),
+        };
+        let mut pools = lock(&self.pools);
+        pools
+            .entry(key)
+            .or_insert_with(|| Arc::new(Pool::new(&self.config, db, user)))
+            .clone()
+    }
+
+    /// Every pool, for inspection.
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        lock(&self.pools).values().cloned().collect()
+    }
+}

@@ -1,0 +1,38 @@
+//! Counters of everything a pool does, kept so metrics and the admin console can export them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Monotonic counters of one pool.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Server logins that succeeded.
+    pub server_logins: AtomicU64,
+    /// Server logins that failed.
+    pub server_login_failures: AtomicU64,
+    /// Server connections closed (dirty, dead, or on shutdown).
+    pub servers_closed: AtomicU64,
+    /// Idle connections found dead at checkout and replaced without the client noticing.
+    pub dead_on_checkout: AtomicU64,
+    /// Checkouts served.
+    pub checkouts: AtomicU64,
+    /// Checkouts that had to queue.
+    pub queued: AtomicU64,
+    /// Checkouts that gave up at their wait deadline.
+    pub wait_timeouts: AtomicU64,
+    /// Total microseconds clients spent queued.
+    pub wait_us_total: AtomicU64,
+    /// Transactions relayed (transaction mode) or sessions (session mode).
+    pub transactions: AtomicU64,
+}
+
+impl PoolStats {
+    /// Adds one to a counter.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,242 @@
+//! One logged-in server connection and everything the proxy tracks about it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{ServerError, ServerStream};
+use crate::config::Backend;
+use crate::proto::backend::{parse_parameter_status, PgError};
+use crate::proto::frame::whole_message;
+use crate::proto::frontend;
+
+/// ParameterStatus values a backend reported, by name.
+pub type ServerParams = BTreeMap<String, String>;
+
+/// Largest message the proxy reads whole from a server on its own behalf (login, its own
+/// queries). The relay streams everything else and never needs this.
+const MAX_OWN_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// Counts cancel requests forwarded to a server connection's backend that have not finished,
+/// so the connection stays out of the pool until no late cancel can hit another client.
+#[derive(Debug, Default)]
+pub struct CancelGate {
+    in_flight: AtomicUsize,
+    done: Notify,
+}
+
+impl CancelGate {
+    /// A cancel for this connection is on its way.
+    pub fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// That cancel's connection to the postmaster has closed.
+    pub fn end(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_waiters();
+        }
+    }
+
+    /// Whether any cancel is still in flight.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// Waits until no cancel is in flight, at most `limit`; returns whether it became idle.
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let notified = self.done.notified();
+            if !self.busy() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return !self.busy();
+            }
+        }
+    }
+}
+
+/// A server connection, owned by whoever is using it (a client task, or the pool's idle list).
+#[derive(Debug)]
+pub struct ServerConn {
+    /// The socket.
+    pub stream: ServerStream,
+    /// Bytes read from the server and not yet consumed; kept to reuse its allocation.
+    pub rbuf: BytesMut,
+    /// Scratch buffer for what the proxy writes itself.
+    pub wbuf: BytesMut,
+    /// Current ParameterStatus values.
+    pub params: ServerParams,
+    /// ParameterStatus values as they were right after login.
+    pub login_params: Arc<ServerParams>,
+    /// The backend's own BackendKeyData (pid, secret).
+    pub backend_key: (u32, u32),
+    /// Settings the proxy applied on top of the login state, as (name, value) given to
+    /// `set_config`. Compared with a client's wanted settings at checkout.
+    pub applied: BTreeMap<String, String>,
+    /// Where the backend is (for cancel requests).
+    pub backend: Backend,
+    /// Process-unique id, for logs.
+    pub id: u64,
+    /// When it logged in.
+    pub created: Instant,
+    /// Cancels forwarded to this connection's backend process.
+    pub cancel_gate: Arc<CancelGate>,
+}
+
+impl ServerConn {
+    /// Reads one whole message for the proxy's own use: (tag, body).
+    pub async fn read_message(&mut self) -> Result<(u8, Bytes), ServerError> {
+        loop {
+            if let Some(w) = whole_message(&self.rbuf, MAX_OWN_MESSAGE)? {
+                let tag = w.tag;
+                let mut msg = self.rbuf.split_to(w.total);
+                let body = msg.split_off(crate::proto::frame::HEADER_LEN).freeze();
+                return Ok((tag, body));
+            }
+            self.rbuf.reserve(8192);
+            let n = self
+                .stream
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| self.io(e))?;
+            if n == 0 {
+                return Err(ServerError::Closed);
+            }
+        }
+    }
+
+    /// Writes and flushes `wbuf`.
+    pub async fn flush_wbuf(&mut self) -> Result<(), ServerError> {
+        let buf = self.wbuf.split();
+        self.stream.write_all(&buf).await.map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    /// Best-effort Terminate before the socket is dropped, so the backend logs a clean exit.
+    /// Never waits: a full socket buffer just means the backend sees EOF instead.
+    pub fn terminate_nowait(&mut self) {
+        let msg = [b'X', 0, 0, 0, 4];
+        let _ = match &self.stream {
+            ServerStream::Tcp(s) => s.try_write(&msg),
+            ServerStream::Unix(s) => s.try_write(&msg),
+        };
+    }
+
+    fn io(&self, source: std::io::Error) -> ServerError {
+        ServerError::Io {
+            addr: self.backend.to_string(),
+            source,
+        }
+    }
+
+    /// Runs a simple query for the proxy itself, discarding rows. Returns the backend's ERROR,
+    /// if any (the connection is still usable then); a FATAL or I/O failure is `Err`.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Option<PgError>, ServerError> {
+        frontend::query(&mut self.wbuf, sql);
+        self.flush_wbuf().await?;
+        let mut first_error = None;
+        loop {
+            let (tag, body) = self.read_message().await?;
+            match tag {
+                b'Z' => return Ok(first_error),
+                b'S' => {
+                    let (name, value) = parse_parameter_status(&body)?;
+                    self.params.insert(name, value);
+                }
+                b'E' => {
+                    let err = PgError::parse(&body)?;
+                    if err.is_fatal() {
+                        return Err(ServerError::Fatal(err));
+                    }
+                    first_error.get_or_insert(err);
+                }
+                // Rows, command tags, notices, COPY (refused below): nothing to keep.
+                b'G' | b'H' | b'W' => return Err(ServerError::Unexpected(char::from(tag))),
+                _ => {}
+            }
+        }
+    }
+
+    /// Brings the connection's settings to `wanted` (name → value), in one round trip, only
+    /// when they differ from what is applied. On success `applied == wanted`. A backend ERROR
+    /// (an invalid value) is returned and nothing is applied: the statements run as one
+    /// implicit transaction.
+    pub async fn sync_settings(
+        &mut self,
+        wanted: &BTreeMap<String, String>,
+    ) -> Result<Option<PgError>, ServerError> {
+        if &self.applied == wanted {
+            return Ok(None);
+        }
+        let sql = settings_sql(&self.applied, wanted);
+        if let Some(err) = self.simple_query(&sql).await? {
+            return Ok(Some(err));
+        }
+        self.applied.clone_from(wanted);
+        Ok(None)
+    }
+}
+
+/// SQL that turns `applied` into `wanted`: `set_config` for new or changed values (it takes the
+/// value exactly as a startup packet or `-c` would), `RESET` for settings no longer wanted.
+pub fn settings_sql(applied: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>) -> String {
+    let mut sets = Vec::new();
+    for (name, value) in wanted {
+        if applied.get(name) != Some(value) {
+            sets.push(format!(
+                "pg_catalog.set_config({}, {}, false)",
+                frontend::quote_literal(name),
+                frontend::quote_literal(value)
+            ));
+        }
+    }
+    let mut sql = String::new();
+    if !sets.is_empty() {
+        sql.push_str("SELECT ");
+        sql.push_str(&sets.join(", "));
+        sql.push(';');
+    }
+    for name in applied.keys().filter(|n| !wanted.contains_key(*n)) {
+        sql.push_str("RESET ");
+        sql.push_str(&quote_ident(name));
+        sql.push(';');
+    }
+    sql
+}
+
+/// Quotes an identifier with double quotes.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_sql_sets_changes_and_resets_leftovers() {
+        let applied: BTreeMap<String, String> = [
+            ("a".to_string(), "1".to_string()),
+            ("b".to_string(), "2".to_string()),
+        ]
+        .into();
+        let wanted: BTreeMap<String, String> = [
+            ("a".to_string(), "1".to_string()),
+            ("c".to_string(), "x'y".to_string()),
+        ]
+        .into();
+        assert_eq!(
+            settings_sql(&applied, &wanted),
+            "SELECT pg_catalog.set_config('c', 'x''y', false);RESET \"b\";"
+        );
+    }
+}

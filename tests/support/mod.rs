@@ -1,0 +1,133 @@
+//! Shared test support: one throwaway PostgreSQL per test binary, fresh roles and databases per
+//! test, an in-process pgsluice on 127.0.0.1:0, and small raw-protocol helpers.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod raw;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use pgsluice::app::Proxy;
+use pgsluice::config::Config;
+use pgsluice::devpg::{ClusterOptions, TempCluster};
+
+/// The binary's shared cluster (SCRAM over TCP, as production backends are).
+pub fn cluster() -> &'static TempCluster {
+    static CLUSTER: OnceLock<TempCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        raise_fd_limit();
+        TempCluster::start(ClusterOptions { max_connections: 300, ..ClusterOptions::default() })
+            .expect("start a throwaway PostgreSQL")
+    })
+}
+
+/// Tests hold hundreds of sockets: lift the soft descriptor limit to the hard one.
+pub fn raise_fd_limit() {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+}
+
+/// A unique lowercase name for this test's role or database.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A fresh login role with a password (stored as SCRAM by the backend) and its own database.
+pub struct TestDb {
+    /// Role name (also the database name).
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl TestDb {
+    /// Creates role + database on the shared cluster.
+    pub fn new(prefix: &str) -> TestDb {
+        let user = unique(prefix);
+        let password = format!("pw-{user}");
+        let c = cluster();
+        c.psql("postgres", &format!("CREATE ROLE {user} LOGIN PASSWORD '{password}'")).unwrap();
+        c.psql("postgres", &format!("CREATE DATABASE {user} OWNER {user}")).unwrap();
+        TestDb { user, password }
+    }
+
+    /// The role's SCRAM verifier as stored in pg_authid.
+    pub fn verifier(&self) -> String {
+        cluster()
+            .psql("postgres", &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{}'", self.user))
+            .unwrap()
+    }
+
+    /// Connections the backend holds for this role right now (from pg_stat_activity).
+    pub fn backend_connections(&self) -> u32 {
+        cluster()
+            .psql(
+                "postgres",
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{}'", self.user),
+            )
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A minimal config: this database and user, plaintext password, listening on port 0.
+    /// `extra_global` goes before the tables, `extra_user` into the user's table.
+    pub fn config(&self, extra_global: &str, extra_user: &str) -> String {
+        let c = cluster();
+        format!(
+            "listen_addr = \"127.0.0.1:0\"\n{extra_global}\n\n[databases.{db}]\nhost = \"{host}\"\nport = {port}\n\n[users.{user}]\npassword = \"{pw}\"\n{extra_user}\n",
+            db = self.user,
+            host = c.host(),
+            port = c.port(),
+            user = self.user,
+            pw = self.password,
+        )
+    }
+
+    /// A tokio-postgres connection string through `proxy`.
+    pub fn url(&self, proxy: &Proxy) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={} password={} dbname={} connect_timeout=30",
+            proxy.addr().port(),
+            self.user,
+            self.password,
+            self.user
+        )
+    }
+}
+
+/// Starts pgsluice in-process with a config text.
+pub async fn start_proxy(toml: &str) -> Proxy {
+    let config = Config::parse(toml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+    Proxy::start(config).await.unwrap()
+}
+
+/// Connects tokio-postgres and drives its connection in a task.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Polls `cond` until it holds, for at most `limit` (a bounded wait for a condition, not a
+/// sleep standing in for one).
+pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server (or proxy) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_string())
+}
