@@ -38,10 +38,9 @@ pub fn body_len(len_prefix: u32) -> Result<usize, ProtoError> {
         return Err(ProtoError::BadLength(i64::from(len_prefix)));
     }
     if len > MAX_STARTUP_PACKET {
-        return Err(ProtoError::TooLarge {
-            len,
-            max: MAX_STARTUP_PACKET,
-        });
+        // PostgreSQL's "invalid length of startup packet": a protocol violation, not a
+        // configurable limit.
+        return Err(ProtoError::BadLength(i64::from(len_prefix)));
     }
     Ok(len - 4)
 }
