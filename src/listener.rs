@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::client::{self, ClientContext};
 
@@ -60,12 +61,13 @@ pub async fn accept_loop(
         let admitted = clients.current.fetch_add(1, Ordering::Relaxed) < max;
         let slot = Slot(clients.clone());
         let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let span = tracing::debug_span!("client", %peer);
-            let _enter = span.enter();
-            drop(_enter);
-            client::serve(stream, ctx, admitted).await;
-            drop(slot);
-        });
+        let span = tracing::debug_span!("client", %peer);
+        tokio::spawn(
+            async move {
+                client::serve(stream, ctx, admitted).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
     }
 }

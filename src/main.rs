@@ -21,8 +21,8 @@ struct Cli {
     /// Validate the configuration, print every problem, and exit (non-zero when invalid).
     #[arg(long, requires = "config")]
     check: bool,
-    /// Listen address in throwaway mode (no `--config`).
-    #[arg(long, default_value = "127.0.0.1:6432")]
+    /// Listen address in throwaway mode (no `--config`; with a config, `listen_addr` says it).
+    #[arg(long, default_value = "127.0.0.1:6432", conflicts_with = "config")]
     listen: String,
 }
 

@@ -83,8 +83,15 @@ pub struct ClientIo<C> {
     pub max_body: usize,
 }
 
-/// Relays until the outcome. `tx_status` is the transaction status last seen by the client.
-pub async fn relay<C>(client: &mut ClientIo<C>, server: &mut ServerConn, mode: Mode) -> (Outcome, u8)
+/// Relays until the outcome. ParameterStatus changes the backend reports on the way (a SET of
+/// a reported setting, its rollback, RESET) are appended to `reported`, lowercased name first,
+/// so the caller can keep the client's and the server connection's view of settings right.
+pub async fn relay<C>(
+    client: &mut ClientIo<C>,
+    server: &mut ServerConn,
+    mode: Mode,
+    reported: &mut Vec<(String, String)>,
+) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -96,12 +103,12 @@ where
         s_skip: 0,
         tx_status: b'I',
         fatal: None,
+        reported,
     };
-    let outcome = poll_fn(|cx| st.poll(cx, client, server)).await;
-    (outcome, st.tx_status)
+    poll_fn(|cx| st.poll(cx, client, server)).await
 }
 
-struct State {
+struct State<'r> {
     mode: Mode,
     /// Client requests forwarded whose ReadyForQuery has not come back.
     pending: u32,
@@ -113,6 +120,7 @@ struct State {
     s_skip: usize,
     tx_status: u8,
     fatal: Option<PgError>,
+    reported: &'r mut Vec<(String, String)>,
 }
 
 enum Scan {
@@ -120,7 +128,7 @@ enum Scan {
     Release,
 }
 
-impl State {
+impl State<'_> {
     fn quiet(&self) -> bool {
         self.pending == 0 && !self.unsynced && self.c_skip == 0 && self.s_skip == 0 && self.tx_status == b'I'
     }
@@ -298,6 +306,7 @@ impl State {
                     }
                     b'S' => {
                         let (name, value) = parse_parameter_status(body)?;
+                        self.reported.push((name.to_ascii_lowercase(), value.clone()));
                         server.params.insert(name, value);
                     }
                     _ => {

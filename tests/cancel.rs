@@ -28,9 +28,16 @@ async fn cancel_token_cancels_the_running_query() {
         "select count(*) from pg_stat_activity where usename = '{}' and state = 'active' and query like 'select pg_sleep%'",
         db.user
     );
-    assert!(support::eventually(LIMIT, || support::cluster().psql("postgres", &running).unwrap() == "1").await);
+    assert!(
+        support::eventually(LIMIT, || support::cluster().psql("postgres", &running).unwrap()
+            == "1")
+        .await
+    );
     token.cancel_query(NoTls).await.unwrap();
-    let res = tokio::time::timeout(LIMIT, query).await.expect("query ended").unwrap();
+    let res = tokio::time::timeout(LIMIT, query)
+        .await
+        .expect("query ended")
+        .unwrap();
     assert_eq!(sqlstate(&res.unwrap_err()).as_deref(), Some("57014"));
 }
 
@@ -52,7 +59,10 @@ async fn wrong_key_is_ignored() {
     cancel.send(&pkt).await;
     assert!(cancel.closed().await);
     let msgs = tokio::time::timeout(LIMIT, r.recv_until(b'Z')).await.unwrap();
-    assert!(msgs.iter().all(|m| m.tag != b'E'), "query was not cancelled: {msgs:?}");
+    assert!(
+        msgs.iter().all(|m| m.tag != b'E'),
+        "query was not cancelled: {msgs:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

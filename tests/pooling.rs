@@ -38,10 +38,17 @@ async fn direct() -> tokio_postgres::Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_clients_share_five_server_connections() {
     let db = TestDb::new("pool_load");
-    let proxy = start_proxy(&db.config("default_pool_size = 5\nmax_client_conn = 2000", "auth = \"trust\"")).await;
+    let proxy = start_proxy(&db.config(
+        "default_pool_size = 5\nmax_client_conn = 2000",
+        "auth = \"trust\"",
+    ))
+    .await;
     let url = db.url(&proxy);
     let setup = connect(&url).await;
-    setup.simple_query("create table hits (client int, n int)").await.unwrap();
+    setup
+        .simple_query("create table hits (client int, n int)")
+        .await
+        .unwrap();
     drop(setup);
 
     // Sample pg_stat_activity for this role throughout the run.
@@ -55,7 +62,10 @@ async fn five_hundred_clients_share_five_server_connections() {
             let mut samples = 0;
             while !done.load(Ordering::Relaxed) {
                 let r = d
-                    .query_one("select count(*) from pg_stat_activity where usename = $1", &[&user])
+                    .query_one(
+                        "select count(*) from pg_stat_activity where usename = $1",
+                        &[&user],
+                    )
                     .await
                     .unwrap();
                 max = max.max(r.get::<_, i64>(0));
@@ -87,10 +97,17 @@ async fn five_hundred_clients_share_five_server_connections() {
     .expect("load finished in time");
     done.store(true, Ordering::Relaxed);
     let (max_seen, samples) = sampler.await.unwrap();
-    assert!(samples > 3, "sampled the backend during the run ({samples} samples)");
+    assert!(
+        samples > 3,
+        "sampled the backend during the run ({samples} samples)"
+    );
     assert!(max_seen <= 5, "backend saw {max_seen} connections from the proxy");
     let counts = proxy.pools().all()[0].counts();
-    assert!(counts.high_water <= 5, "pool high-water mark {}", counts.high_water);
+    assert!(
+        counts.high_water <= 5,
+        "pool high-water mark {}",
+        counts.high_water
+    );
     let check = connect(&url).await;
     let total = first_value(&check.simple_query("select count(*) from hits").await.unwrap());
     assert_eq!(total.as_deref(), Some("10000"));
@@ -126,8 +143,11 @@ async fn waiters_are_served_in_fifo_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_timeout_answers_53300_and_the_client_stays_usable() {
     let db = TestDb::new("pool_wait");
-    let proxy =
-        start_proxy(&db.config("default_pool_size = 1\nquery_wait_timeout = \"300ms\"", "auth = \"trust\"")).await;
+    let proxy = start_proxy(&db.config(
+        "default_pool_size = 1\nquery_wait_timeout = \"300ms\"",
+        "auth = \"trust\"",
+    ))
+    .await;
     let url = db.url(&proxy);
     let holder = connect(&url).await;
     holder.simple_query("begin; select 1").await.unwrap();
@@ -135,7 +155,10 @@ async fn wait_timeout_answers_53300_and_the_client_stays_usable() {
     let err = waiter.simple_query("select 1").await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("53300"));
     let msg = err.as_db_error().unwrap().message().to_string();
-    assert!(msg.contains("waiting for a server connection") && msg.contains(&db.user), "{msg}");
+    assert!(
+        msg.contains("waiting for a server connection") && msg.contains(&db.user),
+        "{msg}"
+    );
     // Extended protocol too: the error ends the request cleanly.
     let err = waiter.query("select $1::int", &[&1i32]).await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("53300"));
@@ -162,7 +185,11 @@ async fn session_mode_holds_the_server_and_resets_it() {
     assert_eq!(a.query_one(&stmt, &[&1i32]).await.unwrap().get::<_, i32>(0), 2);
     let b = connect(&url).await;
     let err = b.simple_query("select 1").await.unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "a holds the only server connection");
+    assert_eq!(
+        sqlstate(&err).as_deref(),
+        Some("53300"),
+        "a holds the only server connection"
+    );
     drop(stmt);
     drop(a);
     // After a leaves, b gets the same server connection, reset by DISCARD ALL.
@@ -189,7 +216,12 @@ async fn client_leaving_mid_transaction_never_leaves_a_dirty_server() {
     r.send(&raw::query("begin; insert into t values ('lost')")).await;
     r.recv_until(b'Z').await;
     drop(r);
-    assert!(eventually(LIMIT, || pgsluice::pool::PoolStats::get(&pool.stats.servers_closed) == 1).await);
+    assert!(
+        eventually(LIMIT, || pgsluice::pool::PoolStats::get(
+            &pool.stats.servers_closed
+        ) == 1)
+        .await
+    );
 
     // Mid-COPY: same.
     let mut r = Raw::connect(proxy.addr()).await;
@@ -199,12 +231,20 @@ async fn client_leaving_mid_transaction_never_leaves_a_dirty_server() {
     assert_eq!(m.tag, b'G', "CopyInResponse");
     r.send(&raw::msg(b'd', b"half\n")).await;
     drop(r);
-    assert!(eventually(LIMIT, || pgsluice::pool::PoolStats::get(&pool.stats.servers_closed) == 2).await);
+    assert!(
+        eventually(LIMIT, || pgsluice::pool::PoolStats::get(
+            &pool.stats.servers_closed
+        ) == 2)
+        .await
+    );
 
     let c = connect(&url).await;
     let r = c.simple_query("select count(*) from t").await.unwrap();
     assert_eq!(first_value(&r).as_deref(), Some("0"));
-    let r = c.simple_query("select txid_current_if_assigned() is null").await.unwrap();
+    let r = c
+        .simple_query("select txid_current_if_assigned() is null")
+        .await
+        .unwrap();
     assert_eq!(first_value(&r).as_deref(), Some("t"));
 
     // A client that leaves between transactions returns its server connection clean.
@@ -228,7 +268,9 @@ async fn idle_server_connection_killed_by_the_backend_is_replaced_transparently(
     let c = connect(&url).await;
     let pid = first_value(&c.simple_query("select pg_backend_pid()").await.unwrap()).unwrap();
     let d = direct().await;
-    d.simple_query(&format!("select pg_terminate_backend({pid})")).await.unwrap();
+    d.simple_query(&format!("select pg_terminate_backend({pid})"))
+        .await
+        .unwrap();
     let pool = proxy.pools().all()[0].clone();
     // The idle connection is found dead at checkout and replaced; the client sees no error.
     let new_pid = first_value(&c.simple_query("select pg_backend_pid()").await.unwrap()).unwrap();

@@ -17,9 +17,11 @@ const LIMIT: Duration = Duration::from_secs(60);
 fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
     msgs.iter()
         .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).unwrap_or("NULL").to_string()).collect())
-            }
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                    .collect(),
+            ),
             _ => None,
         })
         .collect()
@@ -30,10 +32,19 @@ async fn simple_and_extended_queries() {
     let db = TestDb::new("relay_q");
     let proxy = start_proxy(&db.config("default_pool_size = 2", "")).await;
     let c = connect(&db.url(&proxy)).await;
-    let r = c.simple_query("select 1 as a, 'x' as b; select generate_series(1,3)").await.unwrap();
+    let r = c
+        .simple_query("select 1 as a, 'x' as b; select generate_series(1,3)")
+        .await
+        .unwrap();
     assert_eq!(rows(&r), vec![vec!["1", "x"], vec!["1"], vec!["2"], vec!["3"]]);
     // Unnamed extended protocol with parameters.
-    let r = c.query_typed("select $1::int4 + $2::int4", &[(&40i32, Type::INT4), (&2i32, Type::INT4)]).await.unwrap();
+    let r = c
+        .query_typed(
+            "select $1::int4 + $2::int4",
+            &[(&40i32, Type::INT4), (&2i32, Type::INT4)],
+        )
+        .await
+        .unwrap();
     assert_eq!(r[0].get::<_, i32>(0), 42);
     // Empty query.
     let r = c.simple_query("").await.unwrap();
@@ -41,7 +52,12 @@ async fn simple_and_extended_queries() {
     // Pipelined extended queries on one connection (tokio-postgres sends them back to back).
     let futs = (0..20i32).map(|i| {
         let c = &c;
-        async move { c.query_typed("select $1::int4 * 2", &[(&i, Type::INT4)]).await.unwrap()[0].get::<_, i32>(0) }
+        async move {
+            c.query_typed("select $1::int4 * 2", &[(&i, Type::INT4)])
+                .await
+                .unwrap()[0]
+                .get::<_, i32>(0)
+        }
     });
     let got = futures_util::future::join_all(futs).await;
     assert_eq!(got, (0..20).map(|i| i * 2).collect::<Vec<_>>());
@@ -52,7 +68,9 @@ async fn transactions_and_errors_inside_them() {
     let db = TestDb::new("relay_tx");
     let proxy = start_proxy(&db.config("default_pool_size = 1", "")).await;
     let mut c = connect(&db.url(&proxy)).await;
-    c.simple_query("create table t (id int primary key)").await.unwrap();
+    c.simple_query("create table t (id int primary key)")
+        .await
+        .unwrap();
     let tx = c.transaction().await.unwrap();
     tx.simple_query("insert into t values (1)").await.unwrap();
     let err = tx.simple_query("insert into t values (1)").await.unwrap_err();
@@ -73,7 +91,9 @@ async fn copy_in_and_out_stream_large_data() {
     let db = TestDb::new("relay_copy");
     let proxy = start_proxy(&db.config("default_pool_size = 1", "")).await;
     let c = connect(&db.url(&proxy)).await;
-    c.simple_query("create table big (id int, pad text)").await.unwrap();
+    c.simple_query("create table big (id int, pad text)")
+        .await
+        .unwrap();
     let sink = c.copy_in("copy big from stdin").await.unwrap();
     futures_util::pin_mut!(sink);
     let pad = "p".repeat(200);
@@ -89,12 +109,17 @@ async fn copy_in_and_out_stream_large_data() {
     assert_eq!(written, n as u64);
     let stream = c.copy_out("copy big to stdout").await.unwrap();
     let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
-    let lines = chunks.iter().map(|b| b.iter().filter(|&&x| x == b'\n').count()).sum::<usize>();
+    let lines = chunks
+        .iter()
+        .map(|b| b.iter().filter(|&&x| x == b'\n').count())
+        .sum::<usize>();
     assert_eq!(lines, n);
     // A failed COPY (bad data) leaves the session usable.
     let sink = c.copy_in("copy big from stdin").await.unwrap();
     futures_util::pin_mut!(sink);
-    sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n")).await.unwrap();
+    sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n"))
+        .await
+        .unwrap();
     assert!(sink.finish().await.is_err());
     let r = c.simple_query("select count(*) from big").await.unwrap();
     assert_eq!(rows(&r), vec![vec![n.to_string()]]);
@@ -107,7 +132,10 @@ async fn large_result_set_streams_through() {
     let c = connect(&db.url(&proxy)).await;
     // ~100 MB of rows, consumed as a stream, plus one 20 MB value in a single DataRow.
     let stream = c
-        .query_raw("select repeat('x', 1000) from generate_series(1, 100000)", std::iter::empty::<i32>())
+        .query_raw(
+            "select repeat('x', 1000) from generate_series(1, 100000)",
+            std::iter::empty::<i32>(),
+        )
         .await
         .unwrap();
     futures_util::pin_mut!(stream);
@@ -130,7 +158,10 @@ async fn notices_function_call_and_pipelines_with_raw_bytes() {
     assert!(login.iter().any(|m| m.tag == b'K'), "BackendKeyData at login");
 
     // NoticeResponse arrives before ReadyForQuery.
-    r.send(&raw::query("do $$ begin raise notice 'hello from plpgsql'; end $$")).await;
+    r.send(&raw::query(
+        "do $$ begin raise notice 'hello from plpgsql'; end $$",
+    ))
+    .await;
     let msgs = r.recv_until(b'Z').await;
     let notice = msgs.iter().find(|m| m.tag == b'N').expect("notice relayed");
     assert_eq!(notice.field(b'M').as_deref(), Some("hello from plpgsql"));
@@ -193,7 +224,8 @@ async fn session_settings_follow_the_client_across_server_connections() {
     let db = TestDb::new("relay_set");
     let proxy = start_proxy(&db.config("default_pool_size = 1", "")).await;
     let mut cfg: tokio_postgres::Config = db.url(&proxy).parse().unwrap();
-    cfg.application_name("app-one").options("-c statement_timeout=4321 -c search_path=public");
+    cfg.application_name("app-one")
+        .options("-c statement_timeout=4321 -c search_path=public");
     let (a, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     let mut cfg2: tokio_postgres::Config = db.url(&proxy).parse().unwrap();
@@ -202,12 +234,57 @@ async fn session_settings_follow_the_client_across_server_connections() {
     tokio::spawn(conn);
     // Both clients share the pool's single server connection, alternating.
     for _ in 0..3 {
-        let r = a.simple_query("show application_name; show statement_timeout").await.unwrap();
+        let r = a
+            .simple_query("show application_name; show statement_timeout")
+            .await
+            .unwrap();
         assert_eq!(rows(&r), vec![vec!["app-one"], vec!["4321ms"]]);
-        let r = b.simple_query("show application_name; show statement_timeout").await.unwrap();
+        let r = b
+            .simple_query("show application_name; show statement_timeout")
+            .await
+            .unwrap();
         assert_eq!(rows(&r), vec![vec!["app-two"], vec!["0"]]);
     }
     let stats = &proxy.pools().all()[0].stats;
     assert_eq!(pgsluice::pool::PoolStats::get(&stats.server_logins), 1);
     tokio::time::timeout(LIMIT, async {}).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_setting_changes_stay_with_their_client() {
+    let db = TestDb::new("relay_report");
+    let proxy = start_proxy(&db.config("default_pool_size = 1", "")).await;
+    let mut cfg: tokio_postgres::Config = db.url(&proxy).parse().unwrap();
+    cfg.application_name("a");
+    let (a, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let b = connect(&db.url(&proxy)).await;
+    // `a` changes reported settings (ParameterStatus) on the pool's only server connection.
+    a.simple_query("set application_name = 'changed-by-a'; set datestyle = 'German'")
+        .await
+        .unwrap();
+    let r = b
+        .simple_query("show application_name; show datestyle")
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&r),
+        vec![vec![""], vec!["ISO, MDY"]],
+        "b must not see a's settings"
+    );
+    let r = a
+        .simple_query("show application_name; show datestyle")
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&r),
+        vec![vec!["changed-by-a"], vec!["German, DMY"]],
+        "a keeps its own settings"
+    );
+    // Rolled back inside a transaction: the backend reports the old value again.
+    a.simple_query("begin; set application_name = 'rolled-back'; rollback")
+        .await
+        .unwrap();
+    let r = a.simple_query("show application_name").await.unwrap();
+    assert_eq!(rows(&r), vec![vec!["changed-by-a"]]);
 }

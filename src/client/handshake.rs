@@ -23,7 +23,8 @@ use crate::relay::ClientIo;
 pub struct LoggedIn {
     /// Its pool.
     pub pool: Arc<Pool>,
-    /// Session settings to apply on every server connection that serves it.
+    /// Session settings (lowercase name → value) to apply on every server connection that
+    /// serves it: startup parameters, `options`, and reported changes made in its session.
     pub settings: BTreeMap<String, String>,
     /// Its cancel key registration.
     pub cancel: CancelHandle,
@@ -116,12 +117,13 @@ async fn handshake_inner<C: AsyncRead + AsyncWrite + Unpin>(
             "replication" if startup::is_replication(v) => return Ok(Err(ClientError::Replication)),
             "replication" => {}
             "options" => match startup::parse_options(v) {
-                Ok(opts) => settings.extend(opts),
+                Ok(opts) => settings.extend(opts.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v))),
                 Err(e) => return Ok(Err(ClientError::BadOptions(e))),
             },
             k if k.starts_with("_pq_.") => {}
+            // Setting names are case-insensitive, as in PostgreSQL.
             _ => {
-                settings.insert(k.clone(), v.clone());
+                settings.insert(k.to_ascii_lowercase(), v.clone());
             }
         }
     }

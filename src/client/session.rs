@@ -25,11 +25,15 @@ const CHECKOUT_ATTEMPTS: usize = 3;
 const RESET_LIMIT: Duration = Duration::from_secs(10);
 
 /// Serves a logged-in client until it leaves.
-pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(io: &mut ClientIo<C>, s: LoggedIn) -> Result<(), Gone> {
+pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    mut s: LoggedIn,
+) -> Result<(), Gone> {
     let mode = match s.pool.settings.pool_mode {
         PoolMode::Transaction => Mode::Transaction,
         PoolMode::Session => Mode::Session,
     };
+    let mut reported = Vec::new();
     loop {
         // Idle: wait for the start of the client's next request.
         let tag = loop {
@@ -57,8 +61,14 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(io: &mut ClientIo<C>, s: Log
             }
         };
         s.cancel.attach(&server);
-        let (outcome, _) = relay(io, &mut server, mode).await;
+        let outcome = relay(io, &mut server, mode, &mut reported).await;
         s.cancel.detach();
+        // Settings the backend reported changing are now part of this client's session and
+        // of the server connection's state; the next client's checkout corrects them.
+        for (name, value) in reported.drain(..) {
+            server.applied.insert(name.clone(), value.clone());
+            s.settings.insert(name, value);
+        }
         PoolStats::bump(&s.pool.stats.transactions);
         match outcome {
             Outcome::Released => {

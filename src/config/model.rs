@@ -109,6 +109,14 @@ pub struct RawUser {
 pub mod defaults {
     use std::time::Duration;
 
+    use super::{AuthMethod, PoolMode};
+
+    /// `pool_mode`
+    pub const POOL_MODE: PoolMode = PoolMode::Transaction;
+    /// `auth_type`
+    pub const AUTH_TYPE: AuthMethod = AuthMethod::ScramSha256;
+    /// `databases.*.host`
+    pub const HOST: &str = "127.0.0.1";
     /// `listen_addr`
     pub const LISTEN_ADDR: &str = "127.0.0.1:6432";
     /// `default_pool_size`

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::model::{defaults, AuthMethod, PoolMode, RawConfig, RawDatabase, RawUser};
+use super::model::{defaults, AuthMethod, RawConfig, RawDatabase, RawUser};
 use super::{Backend, Config, ConfigError, Database, User};
 use crate::auth::secret::{ScramVerifier, Secret};
 
@@ -20,7 +20,7 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
             problems.push(format!(
                 "listen_addr {listen_text:?}: {e} (want host:port, e.g. \"127.0.0.1:6432\")"
             ));
-            SocketAddr::from(([127, 0, 0, 1], 6432))
+            SocketAddr::from(([127, 0, 0, 1], 0))
         }
     };
     let max_packet_size = raw.max_packet_size.unwrap_or(defaults::MAX_PACKET_SIZE);
@@ -35,7 +35,7 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
     if max_client_conn == 0 {
         problems.push("max_client_conn = 0: no client could ever connect".to_string());
     }
-    let default_auth = raw.auth_type.unwrap_or(AuthMethod::ScramSha256);
+    let default_auth = raw.auth_type.unwrap_or(defaults::AUTH_TYPE);
 
     if raw.databases.is_empty() {
         problems.push("no [databases.NAME] table: clients would have nowhere to go".to_string());
@@ -64,8 +64,8 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
                 continue;
             }
             let how = match &user.secret {
-                Some(Secret::Scram(_)) => "logs in with SCRAM pass-through, so a client must be connected: connections opened with no client (pre-warming, reconnect probes) need server_password",
-                Some(Secret::Md5(_)) => "has only an md5 hash, which cannot log in to a backend that asks for SCRAM or a password: set server_password",
+                Some(Secret::Scram(_)) => "logs in to the backend by SCRAM pass-through, which needs a client that authenticated since start: set server_password for logins with no client present",
+                Some(Secret::Md5(_)) => "has only an md5 hash, which answers a backend's md5 challenge but not SCRAM or cleartext: set server_password if the backend asks for those",
                 Some(Secret::Plain(_)) => continue,
                 None => "has no password: backend logins work only where the backend trusts it",
             };
@@ -92,7 +92,7 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
             .server_reset_query
             .unwrap_or_else(|| defaults::SERVER_RESET_QUERY.to_string()),
         default_pool_size,
-        pool_mode: raw.pool_mode.unwrap_or(PoolMode::Transaction),
+        pool_mode: raw.pool_mode.unwrap_or(defaults::POOL_MODE),
         auth_type: default_auth,
         databases,
         users,
@@ -110,7 +110,7 @@ fn resolve_database(name: &str, d: &RawDatabase, problems: &mut Vec<String>) -> 
     let before = problems.len();
     check_pool_size(&format!("databases.{name}.pool_size"), d.pool_size, problems);
     let port = d.port.unwrap_or(defaults::PORT);
-    let host = d.host.clone().unwrap_or_else(|| "127.0.0.1".to_string());
+    let host = d.host.clone().unwrap_or_else(|| defaults::HOST.to_string());
     let backend = if host.starts_with('/') {
         Backend::Unix {
             dir: PathBuf::from(host),

@@ -21,6 +21,7 @@ pub use key::PoolKey;
 pub use state::Counts;
 pub use stats::PoolStats;
 
+use crate::auth::secret::Secret;
 use crate::config::{Config, Database, PoolSettings, User};
 use crate::proto::backend::PgError;
 use crate::server::{LoginCredentials, ServerConn, ServerParams, ServerTarget};
@@ -70,7 +71,10 @@ impl Pool {
         let (server_user, creds) = match (&db.server_credentials, &user.server_password) {
             (Some((u, p)), _) => (u.clone(), LoginCredentials::Password(p.clone())),
             (None, Some(p)) => (user.name.clone(), LoginCredentials::Password(p.clone())),
-            (None, None) => (user.name.clone(), LoginCredentials::None),
+            (None, None) => match &user.secret {
+                Some(Secret::Md5(hash)) => (user.name.clone(), LoginCredentials::Md5Hash(hash.clone())),
+                _ => (user.name.clone(), LoginCredentials::None),
+            },
         };
         Pool {
             key: PoolKey {

@@ -28,6 +28,8 @@ pub enum LoginCredentials {
         /// ServerKey.
         server_key: [u8; 32],
     },
+    /// The user's stored md5 hash (`md5` + hex): answers an md5 challenge only.
+    Md5Hash(String),
     /// Nothing: works only where the backend trusts us.
     None,
 }
@@ -37,6 +39,7 @@ impl std::fmt::Debug for LoginCredentials {
         f.write_str(match self {
             LoginCredentials::Password(_) => "Password(..)",
             LoginCredentials::ScramKeys { .. } => "ScramKeys(..)",
+            LoginCredentials::Md5Hash(_) => "Md5Hash(..)",
             LoginCredentials::None => "None",
         })
     }

@@ -32,8 +32,10 @@ pub(super) async fn login(
                     conn.flush_wbuf().await?;
                 }
                 AuthRequest::Md5(salt) => {
-                    let pw = password(creds, "an md5 password")?;
-                    let hash = md5::password_hash(&target.user, pw);
+                    let hash = match creds {
+                        LoginCredentials::Md5Hash(h) => h.clone(),
+                        _ => md5::password_hash(&target.user, password(creds, "an md5 password")?),
+                    };
                     frontend::password(&mut conn.wbuf, md5::client_response(&hash, &salt).as_bytes());
                     conn.flush_wbuf().await?;
                 }
@@ -50,9 +52,10 @@ pub(super) async fn login(
                             client_key: *client_key,
                             server_key: *server_key,
                         },
-                        LoginCredentials::None => {
+                        LoginCredentials::Md5Hash(_) | LoginCredentials::None => {
                             return Err(ServerError::AuthUnsupported(
-                                "SCRAM-SHA-256 with no password".into(),
+                                "SCRAM-SHA-256 (no plaintext password or SCRAM key is known; set server_password)"
+                                    .into(),
                             ))
                         }
                     };
@@ -96,8 +99,8 @@ fn password<'a>(creds: &'a LoginCredentials, what: &str) -> Result<&'a str, Serv
         LoginCredentials::ScramKeys { .. } => Err(ServerError::AuthUnsupported(format!(
             "{what} (only a SCRAM key from pass-through is known; set server_password)"
         ))),
-        LoginCredentials::None => Err(ServerError::AuthUnsupported(format!(
-            "{what} (no password configured)"
+        LoginCredentials::Md5Hash(_) | LoginCredentials::None => Err(ServerError::AuthUnsupported(format!(
+            "{what} (no plaintext password configured; set server_password)"
         ))),
     }
 }

@@ -17,8 +17,11 @@ pub fn cluster() -> &'static TempCluster {
     static CLUSTER: OnceLock<TempCluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
         raise_fd_limit();
-        TempCluster::start(ClusterOptions { max_connections: 300, ..ClusterOptions::default() })
-            .expect("start a throwaway PostgreSQL")
+        TempCluster::start(ClusterOptions {
+            max_connections: 300,
+            ..ClusterOptions::default()
+        })
+        .expect("start a throwaway PostgreSQL")
     })
 }
 
@@ -30,7 +33,11 @@ pub fn raise_fd_limit() {
 /// A unique lowercase name for this test's role or database.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A fresh login role with a password (stored as SCRAM by the backend) and its own database.
@@ -47,15 +54,26 @@ impl TestDb {
         let user = unique(prefix);
         let password = format!("pw-{user}");
         let c = cluster();
-        c.psql("postgres", &format!("CREATE ROLE {user} LOGIN PASSWORD '{password}'")).unwrap();
-        c.psql("postgres", &format!("CREATE DATABASE {user} OWNER {user}")).unwrap();
+        c.psql(
+            "postgres",
+            &format!("CREATE ROLE {user} LOGIN PASSWORD '{password}'"),
+        )
+        .unwrap();
+        c.psql("postgres", &format!("CREATE DATABASE {user} OWNER {user}"))
+            .unwrap();
         TestDb { user, password }
     }
 
     /// The role's SCRAM verifier as stored in pg_authid.
     pub fn verifier(&self) -> String {
         cluster()
-            .psql("postgres", &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{}'", self.user))
+            .psql(
+                "postgres",
+                &format!(
+                    "SELECT rolpassword FROM pg_authid WHERE rolname = '{}'",
+                    self.user
+                ),
+            )
             .unwrap()
     }
 
@@ -64,7 +82,10 @@ impl TestDb {
         cluster()
             .psql(
                 "postgres",
-                &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{}'", self.user),
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}'",
+                    self.user
+                ),
             )
             .unwrap()
             .parse()

@@ -50,7 +50,10 @@ impl Msg {
 impl Raw {
     /// Connects.
     pub async fn connect(addr: SocketAddr) -> Raw {
-        Raw { s: TcpStream::connect(addr).await.unwrap(), buf: BytesMut::new() }
+        Raw {
+            s: TcpStream::connect(addr).await.unwrap(),
+            buf: BytesMut::new(),
+        }
     }
 
     /// Sends bytes.
@@ -81,7 +84,10 @@ impl Raw {
                 let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
                 if self.buf.len() > len {
                     let m = self.buf.split_to(len + 1);
-                    return Some(Msg { tag: m[0], body: m[5..].to_vec() });
+                    return Some(Msg {
+                        tag: m[0],
+                        body: m[5..].to_vec(),
+                    });
                 }
             }
             self.fill().await?;
@@ -92,7 +98,10 @@ impl Raw {
     pub async fn recv_until(&mut self, tag: u8) -> Vec<Msg> {
         let mut out = Vec::new();
         loop {
-            let m = self.recv().await.unwrap_or_else(|| panic!("EOF before {:?}; got {out:?}", tag as char));
+            let m = self
+                .recv()
+                .await
+                .unwrap_or_else(|| panic!("EOF before {:?}; got {out:?}", tag as char));
             let done = m.tag == tag;
             out.push(m);
             if done {
