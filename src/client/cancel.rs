@@ -23,16 +23,20 @@ const CANCEL_FORWARD_LIMIT: Duration = Duration::from_secs(10);
 /// Where a client's query is running right now.
 #[derive(Debug, Clone)]
 struct Target {
-    backend: Backend,
+    backend: Arc<Backend>,
     pid: u32,
     secret: u32,
     gate: Arc<CancelGate>,
 }
 
+/// A client's current target, behind its own lock: attach/detach on every transaction touch
+/// only this, never the registry's map.
+type Slot = Arc<Mutex<Option<Target>>>;
+
 #[derive(Debug)]
 struct Entry {
     secret: u32,
-    target: Option<Target>,
+    slot: Slot,
 }
 
 /// All live clients' cancel keys. Owned by the app, shared with every client task.
@@ -41,7 +45,7 @@ pub struct CancelRegistry {
     entries: Mutex<HashMap<u32, Entry>>,
 }
 
-fn lock(m: &Mutex<HashMap<u32, Entry>>) -> MutexGuard<'_, HashMap<u32, Entry>> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -55,11 +59,19 @@ impl CancelRegistry {
                 continue;
             }
             let secret = rand::random::<u32>();
-            entries.insert(pid, Entry { secret, target: None });
+            let slot = Slot::default();
+            entries.insert(
+                pid,
+                Entry {
+                    secret,
+                    slot: slot.clone(),
+                },
+            );
             return CancelHandle {
                 registry: self.clone(),
                 pid,
                 secret,
+                slot,
             };
         }
     }
@@ -71,7 +83,7 @@ impl CancelRegistry {
         let target = {
             let entries = lock(&self.entries);
             match entries.get(&pid) {
-                Some(e) if bool::from(e.secret.ct_eq(&secret)) => e.target.clone(),
+                Some(e) if bool::from(e.secret.ct_eq(&secret)) => lock(&e.slot).clone(),
                 _ => None,
             }
         };
@@ -105,7 +117,7 @@ impl CancelRegistry {
 async fn forward(t: &Target) {
     let mut msg = BytesMut::with_capacity(16);
     frontend::cancel_request(&mut msg, t.pid, t.secret);
-    let result = match &t.backend {
+    let result = match &*t.backend {
         Backend::Tcp { host, port } => match TcpStream::connect((host.as_str(), *port)).await {
             Ok(mut s) => send_and_wait_close(&mut s, &msg).await,
             Err(e) => Err(e),
@@ -141,6 +153,7 @@ pub struct CancelHandle {
     pub pid: u32,
     /// Proxy-issued secret.
     pub secret: u32,
+    slot: Slot,
 }
 
 impl CancelHandle {
@@ -152,16 +165,12 @@ impl CancelHandle {
             secret: server.backend_key.1,
             gate: server.cancel_gate.clone(),
         };
-        if let Some(e) = lock(&self.registry.entries).get_mut(&self.pid) {
-            e.target = Some(target);
-        }
+        *lock(&self.slot) = Some(target);
     }
 
     /// The client holds no server: cancels are ignored.
     pub fn detach(&self) {
-        if let Some(e) = lock(&self.registry.entries).get_mut(&self.pid) {
-            e.target = None;
-        }
+        *lock(&self.slot) = None;
     }
 }
 

@@ -84,7 +84,7 @@ impl Pool {
             state: Mutex::new(PoolState::new(settings.pool_size)),
             settings,
             target: ServerTarget {
-                backend: db.backend.clone(),
+                backend: Arc::new(db.backend.clone()),
                 dbname: db.dbname.clone(),
                 user: server_user,
             },

@@ -82,8 +82,8 @@ pub struct ServerConn {
     /// Settings the proxy applied on top of the login state, as (name, value) given to
     /// `set_config`. Compared with a client's wanted settings at checkout.
     pub applied: BTreeMap<String, String>,
-    /// Where the backend is (for cancel requests).
-    pub backend: Backend,
+    /// Where the backend is (for cancel requests); shared, so handing it around never allocates.
+    pub backend: Arc<Backend>,
     /// Process-unique id, for logs.
     pub id: u64,
     /// When it logged in.

@@ -49,7 +49,7 @@ impl std::fmt::Debug for LoginCredentials {
 #[derive(Debug, Clone)]
 pub struct ServerTarget {
     /// Where the backend is.
-    pub backend: Backend,
+    pub backend: Arc<Backend>,
     /// Database name on the backend.
     pub dbname: String,
     /// Role to log in as.
@@ -84,7 +84,7 @@ async fn connect_unbounded(
         addr: target.backend.to_string(),
         source,
     };
-    let stream = match &target.backend {
+    let stream = match &*target.backend {
         Backend::Tcp { host, port } => {
             let s = TcpStream::connect((host.as_str(), *port)).await.map_err(io)?;
             s.set_nodelay(true).map_err(io)?;
