@@ -11,6 +11,8 @@ pub mod config;
 pub mod devpg;
 pub mod listener;
 pub mod pool;
+pub mod prepared;
 pub mod proto;
 pub mod relay;
 pub mod server;
+pub mod settings;

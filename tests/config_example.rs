@@ -32,6 +32,7 @@ const GLOBAL_KEYS: &[&str] = keys_of!(RawConfig {
     default_pool_size,
     max_client_conn,
     max_packet_size,
+    max_prepared_statements,
     auth_type,
     server_reset_query,
     server_connect_timeout,
@@ -294,6 +295,7 @@ fn written_defaults_equal_the_code_defaults() {
         assert_eq!(cfg.default_pool_size, defaults::DEFAULT_POOL_SIZE);
         assert_eq!(cfg.max_client_conn, defaults::MAX_CLIENT_CONN);
         assert_eq!(cfg.max_packet_size, defaults::MAX_PACKET_SIZE);
+        assert_eq!(cfg.max_prepared_statements, defaults::MAX_PREPARED_STATEMENTS);
         assert_eq!(cfg.server_reset_query, defaults::SERVER_RESET_QUERY);
         assert_eq!(cfg.server_connect_timeout, defaults::SERVER_CONNECT_TIMEOUT);
         assert_eq!(cfg.query_wait_timeout, defaults::QUERY_WAIT_TIMEOUT);

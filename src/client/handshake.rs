@@ -16,16 +16,16 @@ use crate::auth::secret::Secret;
 use crate::pool::Pool;
 use crate::proto::backend::{self, auth_code, Severity};
 use crate::proto::startup::{self, StartupRequest};
-use crate::relay::ClientIo;
+use crate::relay::{ClientIo, SessionView};
+use crate::settings::SettingValue;
 
 /// A client that logged in.
 #[derive(Debug)]
 pub struct LoggedIn {
     /// Its pool.
     pub pool: Arc<Pool>,
-    /// Session settings (lowercase name → value) to apply on every server connection that
-    /// serves it: startup parameters, `options`, and reported changes made in its session.
-    pub settings: BTreeMap<String, String>,
+    /// Its session as the proxy keeps it (settings, named statements).
+    pub view: SessionView,
     /// Its cancel key registration.
     pub cancel: CancelHandle,
 }
@@ -33,8 +33,8 @@ pub struct LoggedIn {
 /// What the connection turned out to be.
 #[derive(Debug)]
 pub enum Opened {
-    /// A logged-in session.
-    Session(LoggedIn),
+    /// A logged-in session (boxed: once per connection, and it is large).
+    Session(Box<LoggedIn>),
     /// A cancel request (handled) or a refused login (answered): close the connection.
     Done,
 }
@@ -167,9 +167,13 @@ async fn handshake_inner<C: AsyncRead + AsyncWrite + Unpin>(
     write_welcome(io, &params, &cancel);
     io.flush().await?;
     tracing::debug!(pool = %pool.key, "client logged in");
-    Ok(Ok(Opened::Session(LoggedIn {
+    let startup = settings
+        .into_iter()
+        .map(|(k, v)| (k, SettingValue::Text(v)))
+        .collect();
+    Ok(Ok(Opened::Session(Box::new(LoggedIn {
         pool,
-        settings,
+        view: SessionView::new(startup),
         cancel,
-    })))
+    }))))
 }

@@ -19,6 +19,7 @@ use crate::pool::{Pool, Verdict};
 use crate::proto::backend;
 use crate::relay::ClientIo;
 use crate::server::ServerParams;
+use crate::settings::SettingValue;
 
 /// Validates `settings` on `pool` and returns the ParameterStatus set the client should see:
 /// the pool's cached server values overlaid with the client's own (as the backend reports them).
@@ -39,7 +40,7 @@ pub async fn prepare_session(
         let mut server = pool.checkout(deadline).await?;
         for (name, value) in unknown {
             let mut wanted = server.applied.clone();
-            wanted.insert(name.clone(), value.clone());
+            wanted.insert(name.clone(), SettingValue::Text(value.clone()));
             match server.sync_settings(&wanted).await {
                 Ok(None) => {
                     let reported = lookup(&server.params, &name).map(|(_, v)| v.clone());

@@ -39,7 +39,7 @@ pub async fn serve<C: AsyncRead + AsyncWrite + Unpin>(stream: C, ctx: Arc<Client
         Ok(handshake::Opened::Done) | Err(io::Gone) => return,
     };
     let pool = session.pool.key.clone();
-    if session::run(&mut io, session).await.is_err() {
+    if session::run(&mut io, *session).await.is_err() {
         tracing::debug!(pool = %pool, "client connection closed");
     }
 }

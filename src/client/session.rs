@@ -3,7 +3,6 @@
 //! Failures inside a session are ERROR + ReadyForQuery, and the client stays connected
 //! whenever that is safe.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,8 @@ use crate::config::PoolMode;
 use crate::pool::{Pool, PoolStats, Pooled};
 use crate::proto::backend::{self, Severity};
 use crate::proto::frame::parse_header;
-use crate::relay::{relay, ClientIo, Mode, Outcome};
+use crate::relay::{relay, ClientIo, Mode, Outcome, SessionView};
+use crate::settings::Settings;
 
 /// Fresh server connections tried when one dies before any client byte reached it.
 const CHECKOUT_ATTEMPTS: usize = 3;
@@ -33,7 +33,6 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
         PoolMode::Transaction => Mode::Transaction,
         PoolMode::Session => Mode::Session,
     };
-    let mut reported = Vec::new();
     loop {
         // Idle: wait for the start of the client's next request.
         let tag = loop {
@@ -52,7 +51,7 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
             continue;
         }
         let deadline = s.pool.query_wait_timeout.map(|t| Instant::now() + t);
-        let mut server = match checkout(&s.pool, &s.settings, deadline).await {
+        let mut server = match checkout(&s.pool, &s.view.settings, deadline).await {
             Ok(server) => server,
             Err(e) => {
                 tracing::info!(pool = %s.pool.key, error = %e, "request failed before reaching a server");
@@ -61,14 +60,10 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         s.cancel.attach(&server);
-        let outcome = relay(io, &mut server, mode, &mut reported).await;
+        let outcome = relay(io, &mut server, mode, &mut s.view).await;
         s.cancel.detach();
-        // Settings the backend reported changing are now part of this client's session and
-        // of the server connection's state; the next client's checkout corrects them.
-        for (name, value) in reported.drain(..) {
-            server.applied.insert(name.clone(), value.clone());
-            s.settings.insert(name, value);
-        }
+        collect_counters(&s.pool, &mut s.view);
+        tracing::trace!(pool = %s.pool.key, ?outcome, "relay ended");
         PoolStats::bump(&s.pool.stats.transactions);
         match outcome {
             Outcome::Released => {
@@ -107,6 +102,7 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
                 } else {
                     b'I'
                 };
+                s.view.server_lost(status);
                 let mut owed = pending;
                 if error_sent.is_none() {
                     ClientError::ServerLost
@@ -136,7 +132,7 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
 /// dies before any client byte was written to it is replaced transparently.
 async fn checkout(
     pool: &Arc<Pool>,
-    settings: &BTreeMap<String, String>,
+    settings: &Settings,
     deadline: Option<Instant>,
 ) -> Result<Pooled, ClientError> {
     let mut attempts = 0;
@@ -161,6 +157,14 @@ async fn checkout(
     }
 }
 
+/// Adds the relay's prepared-statement counters to the pool's.
+fn collect_counters(pool: &Pool, view: &mut SessionView) {
+    let c = std::mem::take(&mut view.counters);
+    PoolStats::add(&pool.stats.prepared_hits, c.hits);
+    PoolStats::add(&pool.stats.prepared_misses, c.misses);
+    PoolStats::add(&pool.stats.prepared_evictions, c.evictions);
+}
+
 /// Returns or closes the server connection of a client that left.
 async fn finish_server(mut server: Pooled, clean: bool, mode: Mode) {
     if !clean {
@@ -171,7 +175,11 @@ async fn finish_server(mut server: Pooled, clean: bool, mode: Mode) {
     if mode == Mode::Session && !server.pool().reset_query.is_empty() {
         let sql = server.pool().reset_query.clone();
         match tokio::time::timeout(RESET_LIMIT, server.simple_query(&sql)).await {
-            Ok(Ok(None)) => server.applied.clear(),
+            Ok(Ok(None)) => {
+                server.applied.clear();
+                server.stale.clear();
+                server.prepared.clear();
+            }
             _ => {
                 server.discard();
                 return;

@@ -121,6 +121,8 @@ pub struct Config {
     pub max_client_conn: u32,
     /// Largest client message accepted.
     pub max_packet_size: u32,
+    /// Named prepared statements kept per server connection; 0 disables tracking.
+    pub max_prepared_statements: u32,
     /// Bound on connect + login to the backend.
     pub server_connect_timeout: Option<Duration>,
     /// Bound on waiting for a server connection.

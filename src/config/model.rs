@@ -48,6 +48,9 @@ pub struct RawConfig {
     pub max_client_conn: Option<u32>,
     /// Largest message accepted from a client, in bytes.
     pub max_packet_size: Option<u32>,
+    /// Named prepared statements kept per server connection (transaction mode); 0 disables
+    /// statement tracking.
+    pub max_prepared_statements: Option<u32>,
     /// Default client authentication method.
     pub auth_type: Option<AuthMethod>,
     /// Query run on a server connection before reuse in session mode.
@@ -123,6 +126,8 @@ pub mod defaults {
     pub const DEFAULT_POOL_SIZE: u32 = 20;
     /// `max_client_conn`
     pub const MAX_CLIENT_CONN: u32 = 1000;
+    /// `max_prepared_statements`
+    pub const MAX_PREPARED_STATEMENTS: u32 = 200;
     /// `max_packet_size`: PostgreSQL's own limit for one message.
     pub const MAX_PACKET_SIZE: u32 = 1024 * 1024 * 1024 - 1;
     /// `server_reset_query`

@@ -83,6 +83,9 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
         listen_addr,
         max_client_conn,
         max_packet_size,
+        max_prepared_statements: raw
+            .max_prepared_statements
+            .unwrap_or(defaults::MAX_PREPARED_STATEMENTS),
         server_connect_timeout: raw
             .server_connect_timeout
             .unwrap_or(defaults::SERVER_CONNECT_TIMEOUT),

@@ -87,6 +87,7 @@ impl Pool {
                 backend: Arc::new(db.backend.clone()),
                 dbname: db.dbname.clone(),
                 user: server_user,
+                max_prepared: usize::try_from(config.max_prepared_statements).unwrap_or(usize::MAX),
             },
             configured_creds: creds,
             learned_creds: Mutex::new(None),

@@ -23,12 +23,25 @@ pub struct PoolStats {
     pub wait_us_total: AtomicU64,
     /// Transactions relayed (transaction mode) or sessions (session mode).
     pub transactions: AtomicU64,
+    /// Prepared statements a server connection already had.
+    pub prepared_hits: AtomicU64,
+    /// Prepared statements that had to be (re-)prepared on a server connection.
+    pub prepared_misses: AtomicU64,
+    /// Prepared statements closed on a server to stay within `max_prepared_statements`.
+    pub prepared_evictions: AtomicU64,
 }
 
 impl PoolStats {
     /// Adds one to a counter.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// Reads a counter.

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod frame;
 pub mod frontend;
+pub mod sql;
 pub mod sqlstate;
 pub mod startup;
 

@@ -1,6 +1,6 @@
 //! One logged-in server connection and everything the proxy tracks about it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +12,11 @@ use tokio::time::Instant;
 
 use super::{ServerError, ServerStream};
 use crate::config::Backend;
+use crate::prepared::PreparedCache;
 use crate::proto::backend::{parse_parameter_status, PgError};
 use crate::proto::frame::whole_message;
 use crate::proto::frontend;
+use crate::settings::{settings_sql, Settings};
 
 /// ParameterStatus values a backend reported, by name.
 pub type ServerParams = BTreeMap<String, String>;
@@ -79,9 +81,14 @@ pub struct ServerConn {
     pub login_params: Arc<ServerParams>,
     /// The backend's own BackendKeyData (pid, secret).
     pub backend_key: (u32, u32),
-    /// Settings the proxy applied on top of the login state, as (name, value) given to
-    /// `set_config`. Compared with a client's wanted settings at checkout.
-    pub applied: BTreeMap<String, String>,
+    /// Settings the proxy knows are set on top of the login state (lowercased names).
+    /// Compared with a client's settings at checkout.
+    pub applied: Settings,
+    /// Settings whose value on this connection is unknown (changed, then rolled back, by a
+    /// client): always re-applied or reset at the next checkout.
+    pub stale: BTreeSet<String>,
+    /// Prepared statements this connection holds.
+    pub prepared: PreparedCache,
     /// Where the backend is (for cancel requests); shared, so handing it around never allocates.
     pub backend: Arc<Backend>,
     /// Process-unique id, for logs.
@@ -166,77 +173,21 @@ impl ServerConn {
         }
     }
 
-    /// Brings the connection's settings to `wanted` (name → value), in one round trip, only
-    /// when they differ from what is applied. On success `applied == wanted`. A backend ERROR
-    /// (an invalid value) is returned and nothing is applied: the statements run as one
-    /// implicit transaction.
-    pub async fn sync_settings(
-        &mut self,
-        wanted: &BTreeMap<String, String>,
-    ) -> Result<Option<PgError>, ServerError> {
-        if &self.applied == wanted {
+    /// Brings the connection's settings to `wanted`, in one round trip, only when they differ
+    /// from what is applied. On success `applied == wanted`. A backend ERROR (an invalid value)
+    /// is returned and nothing is applied: the statements run as one implicit transaction.
+    pub async fn sync_settings(&mut self, wanted: &Settings) -> Result<Option<PgError>, ServerError> {
+        if self.stale.is_empty() && &self.applied == wanted {
             return Ok(None);
         }
-        let sql = settings_sql(&self.applied, wanted);
-        if let Some(err) = self.simple_query(&sql).await? {
-            return Ok(Some(err));
+        let sql = settings_sql(&self.applied, &self.stale, wanted);
+        if !sql.is_empty() {
+            if let Some(err) = self.simple_query(&sql).await? {
+                return Ok(Some(err));
+            }
         }
         self.applied.clone_from(wanted);
+        self.stale.clear();
         Ok(None)
-    }
-}
-
-/// SQL that turns `applied` into `wanted`: `set_config` for new or changed values (it takes the
-/// value exactly as a startup packet or `-c` would), `RESET` for settings no longer wanted.
-pub fn settings_sql(applied: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>) -> String {
-    let mut sets = Vec::new();
-    for (name, value) in wanted {
-        if applied.get(name) != Some(value) {
-            sets.push(format!(
-                "pg_catalog.set_config({}, {}, false)",
-                frontend::quote_literal(name),
-                frontend::quote_literal(value)
-            ));
-        }
-    }
-    let mut sql = String::new();
-    if !sets.is_empty() {
-        sql.push_str("SELECT ");
-        sql.push_str(&sets.join(", "));
-        sql.push(';');
-    }
-    for name in applied.keys().filter(|n| !wanted.contains_key(*n)) {
-        sql.push_str("RESET ");
-        sql.push_str(&quote_ident(name));
-        sql.push(';');
-    }
-    sql
-}
-
-/// Quotes an identifier with double quotes.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn settings_sql_sets_changes_and_resets_leftovers() {
-        let applied: BTreeMap<String, String> = [
-            ("a".to_string(), "1".to_string()),
-            ("b".to_string(), "2".to_string()),
-        ]
-        .into();
-        let wanted: BTreeMap<String, String> = [
-            ("a".to_string(), "1".to_string()),
-            ("c".to_string(), "x'y".to_string()),
-        ]
-        .into();
-        assert_eq!(
-            settings_sql(&applied, &wanted),
-            "SELECT pg_catalog.set_config('c', 'x''y', false);RESET \"b\";"
-        );
     }
 }

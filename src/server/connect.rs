@@ -54,6 +54,8 @@ pub struct ServerTarget {
     pub dbname: String,
     /// Role to log in as.
     pub user: String,
+    /// Prepared statements each connection keeps (0: not tracked).
+    pub max_prepared: usize,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -103,6 +105,8 @@ async fn connect_unbounded(
         login_params: Arc::default(),
         backend_key: (0, 0),
         applied: BTreeMap::new(),
+        stale: Default::default(),
+        prepared: crate::prepared::PreparedCache::new(target.max_prepared),
         backend: target.backend.clone(),
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         created: Instant::now(),

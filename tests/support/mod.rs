@@ -118,8 +118,14 @@ impl TestDb {
     }
 }
 
-/// Starts pgsluice in-process with a config text.
+/// Starts pgsluice in-process with a config text. Set `PGSLUICE_TEST_LOG=debug` to see its log.
 pub async fn start_proxy(toml: &str) -> Proxy {
+    if let Ok(filter) = std::env::var("PGSLUICE_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
     let config = Config::parse(toml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
     Proxy::start(config).await.unwrap()
 }

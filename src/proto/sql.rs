@@ -1,0 +1,248 @@
+//! The few SQL statements the proxy must recognise to keep session state right under
+//! transaction pooling: SET / RESET / RESET ALL / DISCARD ALL / DEALLOCATE. A cheap prefix check
+//! on a single statement, not a SQL parser: anything it does not recognise is `None` and is
+//! relayed untouched.
+
+/// A recognised session-state statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionCommand {
+    /// `SET [SESSION] name {TO|=} value`: the value as SQL text, to replay as is.
+    Set {
+        /// Lowercased setting name.
+        name: String,
+        /// The value expression, verbatim.
+        value: String,
+    },
+    /// `RESET name` or `SET name {TO|=} DEFAULT`.
+    Reset {
+        /// Lowercased setting name.
+        name: String,
+    },
+    /// `RESET ALL`.
+    ResetAll,
+    /// `DISCARD ALL`.
+    DiscardAll,
+    /// `DEALLOCATE [PREPARE] name`, or `ALL` when `None`.
+    Deallocate(Option<String>),
+}
+
+/// Classifies one statement; `None` when it is anything else (including several statements,
+/// `SET LOCAL`, `SET TRANSACTION`, `SET CONSTRAINTS`, `SET SESSION CHARACTERISTICS`,
+/// `SET ROLE`, `SET SESSION AUTHORIZATION`: those are left alone).
+pub fn classify(sql: &str) -> Option<SessionCommand> {
+    let stmt = single_statement(sql)?;
+    let mut w = Words::new(stmt);
+    let first = w.keyword()?;
+    match first.as_str() {
+        "set" => {
+            let mut name = w.ident()?;
+            if name == "session" {
+                name = w.ident()?;
+            }
+            if matches!(
+                name.as_str(),
+                "local"
+                    | "transaction"
+                    | "constraints"
+                    | "characteristics"
+                    | "role"
+                    | "authorization"
+                    | "time"
+            ) {
+                return None;
+            }
+            let rest = w.rest().trim_start();
+            let value = if let Some(v) = rest.strip_prefix('=') {
+                v
+            } else {
+                let (kw, v) = split_word(rest);
+                if !kw.eq_ignore_ascii_case("to") {
+                    return None;
+                }
+                v
+            }
+            .trim();
+            if value.is_empty() {
+                return None;
+            }
+            if value.eq_ignore_ascii_case("default") {
+                return Some(SessionCommand::Reset { name });
+            }
+            Some(SessionCommand::Set {
+                name,
+                value: value.to_string(),
+            })
+        }
+        "reset" => {
+            let name = w.ident()?;
+            if !w.rest().trim().is_empty() {
+                return None;
+            }
+            match name.as_str() {
+                "all" => Some(SessionCommand::ResetAll),
+                "session" | "role" | "time" => None,
+                _ => Some(SessionCommand::Reset { name }),
+            }
+        }
+        "discard" => {
+            let what = w.keyword()?;
+            (what == "all" && w.rest().trim().is_empty()).then_some(SessionCommand::DiscardAll)
+        }
+        "deallocate" => {
+            let mut name = w.ident()?;
+            if name == "prepare" {
+                name = w.ident()?;
+            }
+            if !w.rest().trim().is_empty() {
+                return None;
+            }
+            Some(SessionCommand::Deallocate((name != "all").then_some(name)))
+        }
+        _ => None,
+    }
+}
+
+/// The statement without leading comments/whitespace and one trailing `;`; `None` if another
+/// statement follows (a `;` outside quotes before the end).
+fn single_statement(sql: &str) -> Option<&str> {
+    let mut s = sql.trim_start();
+    loop {
+        if let Some(rest) = s.strip_prefix("--") {
+            s = rest.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        } else if let Some(rest) = s.strip_prefix("/*") {
+            s = rest.split_once("*/")?.1.trim_start();
+        } else {
+            break;
+        }
+    }
+    let end = statement_end(s);
+    let (stmt, tail) = s.split_at(end);
+    let tail = tail.strip_prefix(';').unwrap_or(tail);
+    tail.trim().is_empty().then_some(stmt.trim_end())
+}
+
+/// Index of the first `;` outside quotes, or the length.
+fn statement_end(s: &str) -> usize {
+    let mut quote: Option<char> = None;
+    for (i, c) in s.char_indices() {
+        match (quote, c) {
+            (None, '\'' | '"') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, ';') => return i,
+            _ => {}
+        }
+    }
+    s.len()
+}
+
+fn split_word(s: &str) -> (&str, &str) {
+    let s = s.trim_start();
+    let end = s
+        .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .unwrap_or(s.len());
+    s.split_at(end)
+}
+
+struct Words<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Words<'a> {
+    fn new(s: &'a str) -> Self {
+        Words { rest: s }
+    }
+
+    /// An unquoted word, lowercased.
+    fn keyword(&mut self) -> Option<String> {
+        let (w, rest) = split_word(self.rest);
+        self.rest = rest;
+        (!w.is_empty()).then(|| w.to_ascii_lowercase())
+    }
+
+    /// An identifier: unquoted (lowercased, dots allowed for `ext.setting`) or "quoted".
+    fn ident(&mut self) -> Option<String> {
+        let s = self.rest.trim_start();
+        if let Some(q) = s.strip_prefix('"') {
+            let end = q.find('"')?;
+            self.rest = q.get(end + 1..)?;
+            return Some(q.get(..end)?.to_string());
+        }
+        let end = s
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+            .unwrap_or(s.len());
+        let (w, rest) = s.split_at(end);
+        self.rest = rest;
+        (!w.is_empty()).then(|| w.to_ascii_lowercase())
+    }
+
+    fn rest(&self) -> &'a str {
+        self.rest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SessionCommand::*;
+    use super::*;
+
+    fn set(name: &str, value: &str) -> Option<SessionCommand> {
+        Some(Set {
+            name: name.into(),
+            value: value.into(),
+        })
+    }
+
+    #[test]
+    fn recognises_session_statements() {
+        assert_eq!(
+            classify("SET statement_timeout = '5s'"),
+            set("statement_timeout", "'5s'")
+        );
+        assert_eq!(
+            classify("  set Search_Path to public, \"My Schema\";"),
+            set("search_path", "public, \"My Schema\"")
+        );
+        assert_eq!(
+            classify("SET SESSION work_mem TO 65536"),
+            set("work_mem", "65536")
+        );
+        assert_eq!(classify("-- c\nset myext.flag = on"), set("myext.flag", "on"));
+        assert_eq!(classify("SET x TO DEFAULT"), Some(Reset { name: "x".into() }));
+        assert_eq!(
+            classify("RESET search_path"),
+            Some(Reset {
+                name: "search_path".into()
+            })
+        );
+        assert_eq!(classify("reset all;"), Some(ResetAll));
+        assert_eq!(classify("DISCARD ALL"), Some(DiscardAll));
+        assert_eq!(classify("DEALLOCATE s1"), Some(Deallocate(Some("s1".into()))));
+        assert_eq!(
+            classify("deallocate prepare \"S 2\""),
+            Some(Deallocate(Some("S 2".into())))
+        );
+        assert_eq!(classify("DEALLOCATE ALL"), Some(Deallocate(None)));
+    }
+
+    #[test]
+    fn leaves_everything_else_alone() {
+        for sql in [
+            "SET LOCAL statement_timeout = 1",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET CONSTRAINTS ALL DEFERRED",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            "SET ROLE admin",
+            "SET SESSION AUTHORIZATION bob",
+            "SET TIME ZONE 'UTC'",
+            "SET a = 1; SELECT 1",
+            "SELECT 'SET a = 1'",
+            "DISCARD PLANS",
+            "RESET ROLE",
+            "SET",
+            "SET a",
+        ] {
+            assert_eq!(classify(sql), None, "{sql}");
+        }
+        assert_eq!(classify("SET a = 'x;y'"), set("a", "'x;y'"));
+    }
+}

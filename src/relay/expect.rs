@@ -1,0 +1,237 @@
+//! The queue of responses still owed to the client, one entry per request, in order. It is how
+//! the relay knows which server message answers which request: to swallow the answers to
+//! messages the proxy injected, to emit answers the proxy gives itself at the right point, to
+//! skip to Sync after an error exactly as the backend does, and to learn when a session command
+//! completed.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use super::view::SessionView;
+use crate::proto::backend::{self, PgError};
+use crate::proto::sql::SessionCommand;
+use crate::server::ServerConn;
+
+/// What the proxy answers itself.
+#[derive(Debug)]
+pub enum Synth {
+    /// ParseComplete for a statement the server already has.
+    ParseComplete,
+    /// CloseComplete for a statement only the client's view held.
+    CloseComplete,
+    /// An ERROR in the extended protocol (the client then gets nothing until its Sync).
+    Error(PgError),
+    /// A simple query answered by the proxy: CommandComplete with this tag, ReadyForQuery.
+    QueryDone(&'static str),
+    /// A simple query refused by the proxy: ErrorResponse, ReadyForQuery.
+    QueryError(PgError),
+}
+
+/// One owed response.
+#[derive(Debug)]
+pub enum Expect {
+    /// The client's Parse; on failure, undo its mapping (client name, server name).
+    Parse(Option<(String, Arc<str>)>),
+    /// Bind.
+    Bind,
+    /// Describe (statement or portal).
+    Describe,
+    /// Execute, with the session command its portal runs.
+    Execute(Option<SessionCommand>),
+    /// Close of a portal or the unnamed statement.
+    Close,
+    /// Sync.
+    Sync,
+    /// Simple query, with the session command it is.
+    Query(Option<SessionCommand>),
+    /// FunctionCall.
+    Function,
+    /// A Parse the proxy injected: its ParseComplete is swallowed.
+    InjectedParse(Arc<str>),
+    /// A Close the proxy injected (evicting a statement): its CloseComplete is swallowed.
+    InjectedClose(Arc<str>),
+    /// An answer the proxy gives itself, emitted when its turn comes.
+    Synthetic(Synth),
+}
+
+impl Expect {
+    /// Whether this request ends with ReadyForQuery.
+    pub fn ends_with_ready(&self) -> bool {
+        matches!(self, Expect::Sync | Expect::Query(_) | Expect::Function)
+    }
+
+    /// Whether an ERROR ends this request and makes the backend skip to Sync.
+    fn extended(&self) -> bool {
+        matches!(
+            self,
+            Expect::Parse(_)
+                | Expect::Bind
+                | Expect::Describe
+                | Expect::Execute(_)
+                | Expect::Close
+                | Expect::InjectedParse(_)
+                | Expect::InjectedClose(_)
+        )
+    }
+}
+
+/// What to do with one server message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Copy it to the client.
+    Forward,
+    /// Drop it (the answer to an injected message).
+    Swallow,
+}
+
+/// Matches a server message (`tag`, and its CommandComplete tag if any) against the queue and
+/// updates the session. `err` is the parsed ErrorResponse for 'E'.
+pub fn on_server_message(
+    view: &mut SessionView,
+    server: &mut ServerConn,
+    tag: u8,
+    command_tag: Option<&str>,
+) -> Route {
+    let Some(head) = view.head() else {
+        return Route::Forward;
+    };
+    match (tag, head) {
+        (b'E', h) if h.extended() => {
+            if let Some((_, f)) = view.expect.pop_front() {
+                undo(view, server, f);
+            }
+            // The backend now ignores everything up to Sync: so do the owed responses.
+            while view.head().is_some_and(|e| !matches!(e, Expect::Sync)) {
+                if let Some((_, e)) = view.expect.pop_front() {
+                    undo(view, server, e);
+                }
+            }
+            Route::Forward
+        }
+        (b'1', Expect::InjectedParse(_)) | (b'3', Expect::InjectedClose(_)) => {
+            view.expect.pop_front();
+            Route::Swallow
+        }
+        (b'1', Expect::Parse(_)) | (b'2', Expect::Bind) | (b'3', Expect::Close) => {
+            view.expect.pop_front();
+            Route::Forward
+        }
+        (b'T' | b'n', Expect::Describe) => {
+            view.expect.pop_front();
+            Route::Forward
+        }
+        (b'C', Expect::Execute(_) | Expect::Query(_)) => {
+            let cmd = match view.expect.front_mut().map(|(_, e)| e) {
+                Some(Expect::Execute(cmd)) => {
+                    let c = cmd.take();
+                    view.expect.pop_front();
+                    c
+                }
+                Some(Expect::Query(cmd)) => cmd.take(),
+                _ => None,
+            };
+            on_command_complete(view, server, command_tag.unwrap_or(""), cmd);
+            Route::Forward
+        }
+        (b'I' | b's', Expect::Execute(_)) => {
+            view.expect.pop_front();
+            Route::Forward
+        }
+        (b'G', Expect::Execute(_) | Expect::Query(_)) => {
+            view.copy_in_started();
+            Route::Forward
+        }
+        _ => Route::Forward,
+    }
+}
+
+/// ReadyForQuery arrived: ends the request at the head of the queue.
+pub fn on_ready(view: &mut SessionView, status: u8) -> bool {
+    let ended = view.head().is_some_and(Expect::ends_with_ready);
+    if ended {
+        view.expect.pop_front();
+    }
+    view.tx_status = status;
+    view.resetting = false;
+    if status == b'I' {
+        // Anything still pending from a block that ended without COMMIT is gone.
+        view.in_block.clear();
+        view.block_open = false;
+    } else {
+        view.block_open = true;
+    }
+    ended
+}
+
+fn on_command_complete(
+    view: &mut SessionView,
+    server: &mut ServerConn,
+    tag: &str,
+    cmd: Option<SessionCommand>,
+) {
+    match tag {
+        "BEGIN" | "START TRANSACTION" => view.block_open = true,
+        "COMMIT" => view.committed(server),
+        "ROLLBACK" => view.rolled_back(),
+        "DISCARD ALL" | "DEALLOCATE ALL" => {
+            server.prepared.clear();
+            if tag == "DISCARD ALL" {
+                // Whoever sent it, the server's state is back to its login state.
+                server.applied.clear();
+                server.stale.clear();
+            }
+        }
+        _ => {}
+    }
+    if let Some(cmd) = cmd {
+        let ok = matches!(
+            (&cmd, tag),
+            (
+                SessionCommand::Set { .. } | SessionCommand::Reset { .. } | SessionCommand::ResetAll,
+                "SET" | "RESET"
+            ) | (SessionCommand::DiscardAll, "DISCARD ALL")
+        );
+        if ok {
+            view.completed(server, cmd);
+        }
+    }
+}
+
+/// An owed response that will never come (its request failed or was skipped): undo what the
+/// proxy assumed when it sent the request.
+fn undo(view: &mut SessionView, server: &mut ServerConn, e: Expect) {
+    match e {
+        Expect::Parse(Some((client_name, name))) => {
+            server.prepared.remove(&name);
+            if view.statements.get(&client_name).is_some_and(|s| s.name == name) {
+                view.statements.remove(&client_name);
+            }
+        }
+        Expect::InjectedParse(name) => server.prepared.remove(&name),
+        Expect::InjectedClose(name) => server.prepared.mark_unknown(name),
+        _ => {}
+    }
+}
+
+/// Emits the proxy's own answers that are now at the head of the queue.
+pub fn emit_synthetic(view: &mut SessionView, out: &mut BytesMut) {
+    while let Some(Expect::Synthetic(_)) = view.head() {
+        let Some((_, Expect::Synthetic(s))) = view.expect.pop_front() else {
+            break;
+        };
+        match s {
+            Synth::ParseComplete => crate::proto::frame::write_message(out, b'1', |_| {}),
+            Synth::CloseComplete => crate::proto::frame::write_message(out, b'3', |_| {}),
+            Synth::Error(e) => e.write_error(out),
+            Synth::QueryDone(tag) => {
+                backend::command_complete(out, tag);
+                backend::ready_for_query(out, view.tx_status);
+            }
+            Synth::QueryError(e) => {
+                e.write_error(out);
+                backend::ready_for_query(out, view.tx_status);
+            }
+        }
+    }
+}

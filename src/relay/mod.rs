@@ -1,0 +1,415 @@
+//! The relay: one client ⇄ one server until the transaction (or session) ends.
+//!
+//! Frames by the 5-byte header and copies bytes through, looking only at what decides when the
+//! server connection can go back to the pool and what keeps a session right under transaction
+//! pooling: every request's owed response is queued (`expect`), named prepared statements are
+//! mapped to proxy-wide ones (`requests`), and ParameterStatus and session commands update the
+//! client's `SessionView`. Both directions run in one poll loop, so a client streaming COPY
+//! data while the server streams rows can never deadlock, and each burst read becomes one
+//! write. Large messages stream through: memory does not grow with message size.
+//!
+//! Knows nothing about pools or metrics: it returns what happened.
+
+mod expect;
+mod requests;
+mod view;
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::io::poll_read_buf;
+
+pub use view::{SessionView, StatementCounters};
+
+use crate::proto::backend::{parse_parameter_status, PgError, Severity};
+use crate::proto::frame::{parse_header, HEADER_LEN};
+use crate::proto::{ProtoError, Reader};
+use crate::server::ServerConn;
+use expect::Route;
+use requests::{Flags, Step};
+
+/// Bytes reserved per read.
+const READ_CHUNK: usize = 32 * 1024;
+/// Stop reading a side while this much is waiting to be written to the other (backpressure).
+const HIGH_WATER: usize = 256 * 1024;
+/// Server messages the relay inspects (E, S, C) are read whole up to this size; larger ones
+/// stream through uninspected.
+const INSPECT_LIMIT: usize = 64 * 1024;
+/// Server messages are bounded only by the protocol.
+const MAX_SERVER_BODY: usize = u32::MAX as usize;
+
+/// When the server connection goes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// At ReadyForQuery 'I' with nothing outstanding; statements and settings are tracked.
+    Transaction,
+    /// Only when the client leaves; everything passes through untouched.
+    Session,
+}
+
+/// What ended a relay.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Transaction boundary: the server is clean and can be released.
+    Released,
+    /// The client sent Terminate or closed its socket. `server_clean` says whether the server
+    /// connection is idle with nothing outstanding.
+    ClientGone {
+        /// Safe to reuse as is.
+        server_clean: bool,
+    },
+    /// The server connection failed.
+    ServerGone {
+        /// The backend's FATAL, already forwarded to the client (lowered to ERROR in
+        /// transaction mode); `None` if the client got nothing.
+        error_sent: Option<PgError>,
+        /// Client requests (Query/Sync/FunctionCall) still waiting for ReadyForQuery.
+        pending: u32,
+        /// The last transaction status the client saw ('I', 'T', 'E').
+        tx_status: u8,
+        /// Body bytes of a client message that was partly forwarded; the rest must be dropped.
+        client_skip: usize,
+        /// Extended-protocol messages were forwarded after the last Sync.
+        unsynced: bool,
+    },
+    /// The client broke the protocol or sent an oversized message.
+    ClientProtocol(ProtoError),
+}
+
+/// The client's side of a session: its stream and buffers, kept across transactions.
+#[derive(Debug)]
+pub struct ClientIo<C> {
+    /// The client's stream.
+    pub stream: C,
+    /// Bytes read from the client, not yet forwarded.
+    pub inbuf: BytesMut,
+    /// Bytes to write to the client.
+    pub out: BytesMut,
+    /// Largest client message body accepted.
+    pub max_body: usize,
+}
+
+/// Relays until the outcome, keeping `view` (the client's session) up to date.
+pub async fn relay<C>(
+    client: &mut ClientIo<C>,
+    server: &mut ServerConn,
+    mode: Mode,
+    view: &mut SessionView,
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    view.clear_owed();
+    let mut st = State {
+        mode,
+        flags: Flags {
+            track: mode == Mode::Transaction,
+            unsynced: false,
+            skip_to_sync: false,
+        },
+        c_skip: 0,
+        c_drop: false,
+        s_skip: 0,
+        handled: false,
+        fatal: None,
+        view,
+    };
+    poll_fn(|cx| st.poll(cx, client, server)).await
+}
+
+struct State<'v> {
+    mode: Mode,
+    flags: Flags,
+    /// Body bytes of a client message still to pass through (or drop, with `c_drop`).
+    c_skip: usize,
+    c_drop: bool,
+    /// Body bytes of a server message still streaming through.
+    s_skip: usize,
+    /// Whether any client request was handled in this relay.
+    handled: bool,
+    fatal: Option<PgError>,
+    view: &'v mut SessionView,
+}
+
+enum Scan {
+    Continue,
+    Release,
+}
+
+impl State<'_> {
+    fn clean(&self, server: &ServerConn) -> bool {
+        self.view.expect.is_empty()
+            && !self.flags.unsynced
+            && self.c_skip == 0
+            && self.s_skip == 0
+            && self.view.tx_status == b'I'
+            && server.wbuf.is_empty()
+    }
+
+    fn releasable(&self, server: &ServerConn) -> bool {
+        self.mode == Mode::Transaction && self.handled && self.clean(server)
+    }
+
+    fn server_gone(&mut self) -> Poll<Outcome> {
+        let pending = self
+            .view
+            .expect
+            .iter()
+            .filter(|(_, e)| e.ends_with_ready())
+            .count();
+        self.view.clear_owed();
+        Poll::Ready(Outcome::ServerGone {
+            error_sent: self.fatal.take(),
+            pending: u32::try_from(pending).unwrap_or(u32::MAX),
+            tx_status: self.view.tx_status,
+            client_skip: self.c_skip,
+            unsynced: self.flags.unsynced,
+        })
+    }
+
+    fn client_gone(&mut self, server: &ServerConn) -> Poll<Outcome> {
+        let server_clean = self.clean(server);
+        self.view.clear_owed();
+        Poll::Ready(Outcome::ClientGone { server_clean })
+    }
+
+    fn poll<C: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut ClientIo<C>,
+        server: &mut ServerConn,
+    ) -> Poll<Outcome> {
+        loop {
+            // Frame what was read: client → server buffer, server → client buffer.
+            if !client.inbuf.is_empty() {
+                match self.scan_client(client, server) {
+                    Ok(true) => {}
+                    Ok(false) => return self.client_gone(server),
+                    Err(e) => return Poll::Ready(Outcome::ClientProtocol(e)),
+                }
+                if self.releasable(server) {
+                    return Poll::Ready(Outcome::Released);
+                }
+            }
+            if !server.rbuf.is_empty() {
+                match self.scan_server(client, server) {
+                    Ok(Scan::Release) => return Poll::Ready(Outcome::Released),
+                    Ok(Scan::Continue) => {}
+                    Err(_) => return self.server_gone(),
+                }
+            }
+            let mut progress = false;
+            // Flush towards the server.
+            while !server.wbuf.is_empty() {
+                match Pin::new(&mut server.stream).poll_write(cx, &server.wbuf) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return self.server_gone(),
+                    Poll::Ready(Ok(n)) => {
+                        server.wbuf.advance(n);
+                        progress = true;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            // Flush towards the client.
+            while !client.out.is_empty() {
+                match Pin::new(&mut client.stream).poll_write(cx, &client.out) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        self.view.clear_owed();
+                        return Poll::Ready(Outcome::ClientGone { server_clean: false });
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        client.out.advance(n);
+                        progress = true;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            // Read more, unless the other side is not keeping up (backpressure).
+            if server.wbuf.len() < HIGH_WATER {
+                reserve_read(&mut client.inbuf);
+                match poll_read_buf(Pin::new(&mut client.stream), cx, &mut client.inbuf) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return self.client_gone(server),
+                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Pending => {}
+                }
+            }
+            if client.out.len() < HIGH_WATER {
+                reserve_read(&mut server.rbuf);
+                match poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.rbuf) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return self.server_gone(),
+                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Pending => {}
+                }
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Handles complete client messages (streaming large bodies through). Returns false when
+    /// the client sent Terminate.
+    fn scan_client<C>(
+        &mut self,
+        client: &mut ClientIo<C>,
+        server: &mut ServerConn,
+    ) -> Result<bool, ProtoError> {
+        let inbuf = &mut client.inbuf;
+        loop {
+            if self.c_skip > 0 {
+                let n = self.c_skip.min(inbuf.len());
+                if n == 0 {
+                    break;
+                }
+                if !self.c_drop {
+                    server.wbuf.extend_from_slice(&inbuf[..n]);
+                }
+                inbuf.advance(n);
+                self.c_skip -= n;
+                continue;
+            }
+            let Some(h) = parse_header(inbuf, client.max_body)? else {
+                break;
+            };
+            if h.tag == b'X' {
+                inbuf.clear();
+                return Ok(false);
+            }
+            match requests::handle(h, inbuf, self.view, server, &mut self.flags)? {
+                Step::NeedMore => {
+                    let want = h.total_len().min(requests::NAMED_PARSE_LIMIT + HEADER_LEN);
+                    inbuf.reserve(want.saturating_sub(inbuf.len()));
+                    break;
+                }
+                Step::Done { stream } => {
+                    self.c_skip = stream;
+                    self.c_drop = false;
+                }
+                Step::Dropped { drop } => {
+                    self.c_skip = drop;
+                    self.c_drop = true;
+                }
+            }
+            self.handled = true;
+        }
+        if self.s_skip == 0 {
+            expect::emit_synthetic(self.view, &mut client.out);
+        }
+        Ok(true)
+    }
+
+    /// Moves complete server messages to the client's buffer, matching them to what is owed.
+    /// Stops right after the ReadyForQuery that makes the server releasable, leaving anything
+    /// after it in the server's buffer.
+    fn scan_server<C>(
+        &mut self,
+        client: &mut ClientIo<C>,
+        server: &mut ServerConn,
+    ) -> Result<Scan, ProtoError> {
+        loop {
+            if self.s_skip > 0 {
+                let n = self.s_skip.min(server.rbuf.len());
+                if n == 0 {
+                    return Ok(Scan::Continue);
+                }
+                client.out.extend_from_slice(&server.rbuf[..n]);
+                server.rbuf.advance(n);
+                self.s_skip -= n;
+                continue;
+            }
+            expect::emit_synthetic(self.view, &mut client.out);
+            let Some(h) = parse_header(&server.rbuf, MAX_SERVER_BODY)? else {
+                return Ok(Scan::Continue);
+            };
+            let inspect = matches!(h.tag, b'Z' | b'S' | b'E' | b'C') && h.body_len <= INSPECT_LIMIT;
+            if h.tag == b'Z' && h.body_len != 1 {
+                return Err(ProtoError::Invalid("ReadyForQuery length"));
+            }
+            let body = if inspect {
+                match server.rbuf.get(HEADER_LEN..h.total_len()) {
+                    Some(b) => Some(b),
+                    None => {
+                        let missing = h.total_len().saturating_sub(server.rbuf.len());
+                        server.rbuf.reserve(missing);
+                        return Ok(Scan::Continue);
+                    }
+                }
+            } else {
+                None
+            };
+            let route = match (h.tag, body) {
+                (b'Z', Some(b)) => {
+                    let status = b.first().copied().unwrap_or(b'I');
+                    if !expect::on_ready(self.view, status) {
+                        return Err(ProtoError::Invalid("unsolicited ReadyForQuery"));
+                    }
+                    Route::Forward
+                }
+                (b'S', Some(b)) => {
+                    let (name, value) = parse_parameter_status(b)?;
+                    if self.flags.track {
+                        self.view
+                            .reported(server, name.to_ascii_lowercase(), value.clone());
+                    }
+                    server.params.insert(name, value);
+                    Route::Forward
+                }
+                (b'E', Some(b)) => {
+                    let err = PgError::parse(b)?;
+                    if err.is_fatal() {
+                        if self.mode == Mode::Transaction {
+                            // The client's connection outlives this server connection.
+                            err.clone()
+                                .with_severity(Severity::Error)
+                                .write_error(&mut client.out);
+                        } else {
+                            client.out.extend_from_slice(&server.rbuf[..h.total_len()]);
+                        }
+                        server.rbuf.advance(h.total_len());
+                        self.fatal = Some(err);
+                        continue;
+                    }
+                    expect::on_server_message(self.view, server, b'E', None)
+                }
+                (b'C', Some(b)) => {
+                    let tag = String::from_utf8_lossy(Reader::new(b).cstr("command tag")?).into_owned();
+                    expect::on_server_message(self.view, server, b'C', Some(&tag))
+                }
+                (tag, _) => expect::on_server_message(self.view, server, tag, None),
+            };
+            match route {
+                Route::Swallow => {
+                    let n = h.total_len().min(server.rbuf.len());
+                    server.rbuf.advance(n);
+                    self.s_skip = 0;
+                    if n < h.total_len() {
+                        return Err(ProtoError::Invalid("swallowed message split"));
+                    }
+                }
+                Route::Forward => {
+                    let n = h.total_len().min(server.rbuf.len());
+                    client.out.extend_from_slice(&server.rbuf[..n]);
+                    server.rbuf.advance(n);
+                    self.s_skip = h.total_len() - n;
+                }
+            }
+            if h.tag == b'Z' {
+                expect::emit_synthetic(self.view, &mut client.out);
+                if self.releasable(server) {
+                    return Ok(Scan::Release);
+                }
+            }
+        }
+    }
+}
+
+/// Ensures room for a read; `reserve` reuses the allocation once earlier bytes were consumed,
+/// so a steady stream does not allocate.
+fn reserve_read(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}

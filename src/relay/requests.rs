@@ -1,0 +1,353 @@
+//! Client requests, one message at a time: forwarded untouched (with the response they are
+//! owed queued), or — in transaction mode — rewritten so named prepared statements work on any
+//! server connection: statement names mapped to proxy-wide ones, a Parse injected where the
+//! current server lacks the statement, Close and DEALLOCATE answered from the client's view.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, BytesMut};
+
+use super::expect::{Expect, Synth};
+use super::view::SessionView;
+use crate::prepared::Statement;
+use crate::proto::backend::{put_cstr, PgError, Severity};
+use crate::proto::frame::{Header, HEADER_LEN};
+use crate::proto::sql::{classify, SessionCommand};
+use crate::proto::{ProtoError, Reader};
+use crate::server::ServerConn;
+
+/// Simple queries and unnamed Parse texts up to this size are checked for session commands;
+/// longer ones cannot be one and stream through.
+const CLASSIFY_LIMIT: usize = 4096;
+/// A named Parse is held whole (to replay it on other connections) up to this size; a larger
+/// one passes through untracked.
+pub const NAMED_PARSE_LIMIT: usize = 1024 * 1024;
+/// Bind/Describe/Execute heads (portal and statement names) are looked for in this many bytes.
+const HEAD_LIMIT: usize = 1024;
+
+/// What became of the message at the front of the buffer.
+pub enum Step {
+    /// More bytes are needed before it can be handled.
+    NeedMore,
+    /// Handled; `stream` body bytes of it remain to be copied through as they arrive.
+    Done {
+        /// Bytes still to copy to the server.
+        stream: usize,
+    },
+    /// Dropped; `drop` body bytes remain to be discarded as they arrive.
+    Dropped {
+        /// Bytes still to discard.
+        drop: usize,
+    },
+}
+
+/// Per-relay flags the request side needs.
+pub struct Flags {
+    /// Rewrite statements and track session commands (transaction mode).
+    pub track: bool,
+    /// Extended-protocol messages were forwarded after the last Sync.
+    pub unsynced: bool,
+    /// An error was answered: drop the client's messages up to its Sync, as the backend does.
+    pub skip_to_sync: bool,
+}
+
+/// Handles the message whose header is `h` at the front of `buf`.
+pub fn handle(
+    h: Header,
+    buf: &mut BytesMut,
+    view: &mut SessionView,
+    server: &mut ServerConn,
+    flags: &mut Flags,
+) -> Result<Step, ProtoError> {
+    if flags.skip_to_sync && h.tag != b'S' {
+        return Ok(drop_message(buf, h));
+    }
+    let whole = buf.get(HEADER_LEN..h.total_len());
+    match h.tag {
+        b'Q' => {
+            if h.body_len > CLASSIFY_LIMIT {
+                view.owe(Expect::Query(None));
+                return Ok(forward(buf, h, server));
+            }
+            let Some(body) = whole else {
+                return Ok(Step::NeedMore);
+            };
+            let cmd = if flags.track {
+                classify(&String::from_utf8_lossy(Reader::new(body).cstr("query")?))
+            } else {
+                None
+            };
+            if let Some(SessionCommand::Deallocate(name)) = &cmd {
+                let synth = deallocate(view, name.as_deref());
+                buf.advance(h.total_len());
+                view.owe(Expect::Synthetic(synth));
+                return Ok(Step::Done { stream: 0 });
+            }
+            view.owe(Expect::Query(cmd));
+            Ok(forward(buf, h, server))
+        }
+        b'S' => {
+            flags.skip_to_sync = false;
+            flags.unsynced = false;
+            if view.copy_in {
+                // The backend ignores Sync in COPY-in mode: nothing is owed for it.
+                view.seq += 1;
+            } else {
+                view.owe(Expect::Sync);
+            }
+            Ok(forward(buf, h, server))
+        }
+        b'F' => {
+            view.owe(Expect::Function);
+            Ok(forward(buf, h, server))
+        }
+        b'H' => {
+            flags.unsynced = true;
+            Ok(forward(buf, h, server))
+        }
+        b'd' => Ok(forward(buf, h, server)),
+        b'c' | b'f' => {
+            view.copy_end();
+            Ok(forward(buf, h, server))
+        }
+        b'P' | b'B' | b'D' | b'E' | b'C' => {
+            flags.unsynced = true;
+            extended(h, buf, view, server, flags)
+        }
+        _ => Err(ProtoError::Invalid("frontend message type")),
+    }
+}
+
+fn extended(
+    h: Header,
+    buf: &mut BytesMut,
+    view: &mut SessionView,
+    server: &mut ServerConn,
+    flags: &mut Flags,
+) -> Result<Step, ProtoError> {
+    let track = flags.track && server.prepared.enabled();
+    let head_len = h.body_len.min(HEAD_LIMIT);
+    let Some(head) = buf.get(HEADER_LEN..HEADER_LEN + head_len) else {
+        return Ok(Step::NeedMore);
+    };
+    let mut r = Reader::new(head);
+    match h.tag {
+        b'P' => {
+            let named = !r.cstr("statement name")?.is_empty();
+            if !named {
+                if h.body_len <= CLASSIFY_LIMIT && flags.track {
+                    let Some(body) = buf.get(HEADER_LEN..h.total_len()) else {
+                        return Ok(Step::NeedMore);
+                    };
+                    let mut r = Reader::new(body);
+                    r.cstr("statement name")?;
+                    view.unnamed_statement = classify(&String::from_utf8_lossy(r.cstr("query")?));
+                } else {
+                    view.unnamed_statement = None;
+                }
+                view.owe(Expect::Parse(None));
+                return Ok(forward(buf, h, server));
+            }
+            if !track || h.body_len > NAMED_PARSE_LIMIT {
+                view.owe(Expect::Parse(None));
+                return Ok(forward(buf, h, server));
+            }
+            let Some(body) = buf.get(HEADER_LEN..h.total_len()) else {
+                return Ok(Step::NeedMore);
+            };
+            let mut r = Reader::new(body);
+            let client_name = String::from_utf8_lossy(r.cstr("statement name")?).into_owned();
+            let query = r.cstr("query")?;
+            let types = r.rest();
+            if view.statements.contains_key(&client_name) {
+                buf.advance(h.total_len());
+                return Ok(refuse(
+                    view,
+                    flags,
+                    sqlstate_error(
+                        "42P05",
+                        format!("prepared statement \"{client_name}\" already exists"),
+                    ),
+                ));
+            }
+            let cmd = classify(&String::from_utf8_lossy(query));
+            let stmt = Arc::new(Statement::new(query, types, cmd));
+            buf.advance(h.total_len());
+            view.statements.insert(client_name.clone(), stmt.clone());
+            if server.prepared.touch(&stmt.name) {
+                view.counters.hits += 1;
+                view.owe(Expect::Synthetic(Synth::ParseComplete));
+            } else {
+                view.counters.misses += 1;
+                make_room(view, server, &stmt.name);
+                server.wbuf.extend_from_slice(&stmt.parse);
+                view.owe(Expect::Parse(Some((client_name, stmt.name.clone()))));
+            }
+            Ok(Step::Done { stream: 0 })
+        }
+        b'B' => {
+            let portal = r.cstr("portal name")?;
+            let stmt_name = r.cstr("statement name")?;
+            let portal_unnamed = portal.is_empty();
+            if stmt_name.is_empty() || !track {
+                if portal_unnamed {
+                    view.unnamed_portal = if stmt_name.is_empty() {
+                        view.unnamed_statement.clone()
+                    } else {
+                        None
+                    };
+                }
+                view.owe(Expect::Bind);
+                return Ok(forward(buf, h, server));
+            }
+            let client_name = String::from_utf8_lossy(stmt_name).into_owned();
+            let Some(stmt) = view.statements.get(&client_name).cloned() else {
+                let step = drop_message(buf, h);
+                refuse(view, flags, missing_statement(&client_name));
+                return Ok(step);
+            };
+            if portal_unnamed {
+                view.unnamed_portal = stmt.command.clone();
+            }
+            ensure_prepared(view, server, &stmt);
+            // Rewrite the head (portal, statement name); the parameters stream through.
+            let portal = portal.to_vec();
+            let old_head = portal.len() + 1 + stmt_name.len() + 1;
+            let rest = h.body_len - old_head;
+            let new_len = 4 + portal.len() + 1 + stmt.name.len() + 1 + rest;
+            server.wbuf.put_u8(b'B');
+            server
+                .wbuf
+                .put_u32(u32::try_from(new_len).map_err(|_| ProtoError::Invalid("Bind length"))?);
+            put_cstr(&mut server.wbuf, &portal);
+            put_cstr(&mut server.wbuf, stmt.name.as_bytes());
+            buf.advance(HEADER_LEN + old_head);
+            view.owe(Expect::Bind);
+            Ok(copy_available(buf, rest, server))
+        }
+        b'D' | b'C' => {
+            let kind = r.u8("describe/close kind")?;
+            let name = r.cstr("name")?;
+            let is_describe = h.tag == b'D';
+            if kind != b'S' || name.is_empty() || !track {
+                view.owe(if is_describe {
+                    Expect::Describe
+                } else {
+                    Expect::Close
+                });
+                return Ok(forward(buf, h, server));
+            }
+            let client_name = String::from_utf8_lossy(name).into_owned();
+            let step = drop_message(buf, h);
+            if !is_describe {
+                // Closing a statement only drops the client's name: the server keeps the shared
+                // statement for other clients. Closing an unknown name is not an error.
+                view.statements.remove(&client_name);
+                view.owe(Expect::Synthetic(Synth::CloseComplete));
+                return Ok(step);
+            }
+            let Some(stmt) = view.statements.get(&client_name).cloned() else {
+                refuse(view, flags, missing_statement(&client_name));
+                return Ok(step);
+            };
+            ensure_prepared(view, server, &stmt);
+            crate::proto::frame::write_message(&mut server.wbuf, b'D', |o| {
+                o.put_u8(b'S');
+                put_cstr(o, stmt.name.as_bytes());
+            });
+            view.owe(Expect::Describe);
+            Ok(step)
+        }
+        _ => {
+            // Execute: the portal decides which session command (if any) runs.
+            let portal = r.cstr("portal name")?;
+            let cmd = if portal.is_empty() {
+                view.unnamed_portal.clone()
+            } else {
+                None
+            };
+            view.owe(Expect::Execute(cmd));
+            Ok(forward(buf, h, server))
+        }
+    }
+}
+
+/// Makes sure the current server has `stmt`, injecting its Parse (whose ParseComplete the
+/// client never sees) when it does not.
+fn ensure_prepared(view: &mut SessionView, server: &mut ServerConn, stmt: &Statement) {
+    if server.prepared.touch(&stmt.name) {
+        view.counters.hits += 1;
+        return;
+    }
+    view.counters.misses += 1;
+    make_room(view, server, &stmt.name);
+    server.wbuf.extend_from_slice(&stmt.parse);
+    view.owe(Expect::InjectedParse(stmt.name.clone()));
+}
+
+/// Records `name` in the server's cache, closing the statement it evicts (and a stale copy of
+/// `name` itself, if one may linger).
+fn make_room(view: &mut SessionView, server: &mut ServerConn, name: &Arc<str>) {
+    if server.prepared.take_unknown(name) {
+        inject_close(view, server, name.clone());
+    }
+    if let Some(evicted) = server.prepared.insert(name.clone()) {
+        view.counters.evictions += 1;
+        inject_close(view, server, evicted);
+    }
+}
+
+fn inject_close(view: &mut SessionView, server: &mut ServerConn, name: Arc<str>) {
+    crate::proto::frame::write_message(&mut server.wbuf, b'C', |o| {
+        o.put_u8(b'S');
+        put_cstr(o, name.as_bytes());
+    });
+    view.owe(Expect::InjectedClose(name));
+}
+
+/// `DEALLOCATE` answered from the client's view; shared statements stay on the servers.
+fn deallocate(view: &mut SessionView, name: Option<&str>) -> Synth {
+    match name {
+        None => {
+            view.statements.clear();
+            Synth::QueryDone("DEALLOCATE ALL")
+        }
+        Some(n) if view.statements.remove(n).is_some() => Synth::QueryDone("DEALLOCATE"),
+        Some(n) => Synth::QueryError(missing_statement(n).with_severity(Severity::Error)),
+    }
+}
+
+fn missing_statement(name: &str) -> PgError {
+    sqlstate_error("26000", format!("prepared statement \"{name}\" does not exist"))
+}
+
+fn sqlstate_error(code: &str, message: String) -> PgError {
+    PgError::new(Severity::Error, code, message)
+}
+
+/// Answers an extended-protocol request with an error and skips to Sync, as the backend would.
+fn refuse(view: &mut SessionView, flags: &mut Flags, err: PgError) -> Step {
+    view.owe(Expect::Synthetic(Synth::Error(err)));
+    flags.skip_to_sync = true;
+    Step::Done { stream: 0 }
+}
+
+/// Moves the message to the server buffer as far as it has arrived.
+fn forward(buf: &mut BytesMut, h: Header, server: &mut ServerConn) -> Step {
+    copy_available(buf, h.total_len(), server)
+}
+
+fn copy_available(buf: &mut BytesMut, len: usize, server: &mut ServerConn) -> Step {
+    let n = len.min(buf.len());
+    server.wbuf.extend_from_slice(&buf[..n]);
+    buf.advance(n);
+    Step::Done { stream: len - n }
+}
+
+fn drop_message(buf: &mut BytesMut, h: Header) -> Step {
+    let n = h.total_len().min(buf.len());
+    buf.advance(n);
+    Step::Dropped {
+        drop: h.total_len() - n,
+    }
+}

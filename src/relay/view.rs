@@ -1,0 +1,195 @@
+//! What the relay keeps about a client's session across transactions: its settings as they
+//! should be, its named statements, and the effects of session commands.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::expect::Expect;
+use crate::prepared::Statement;
+use crate::proto::sql::SessionCommand;
+use crate::server::ServerConn;
+use crate::settings::{SettingValue, Settings};
+
+/// Prepared-statement cache counters since the last time they were collected.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StatementCounters {
+    /// A statement the server already had.
+    pub hits: u64,
+    /// A statement that had to be prepared on the server (first use, or another connection).
+    pub misses: u64,
+    /// Statements closed on a server to stay within `max_prepared_statements`.
+    pub evictions: u64,
+}
+
+/// A client's session as the proxy keeps it.
+#[derive(Debug, Default)]
+pub struct SessionView {
+    /// Settings from the startup packet and `options` (what RESET returns to).
+    pub startup: Settings,
+    /// Settings the client's session should see now.
+    pub settings: Settings,
+    /// The client's named statements.
+    pub statements: HashMap<String, Arc<Statement>>,
+    /// Transaction status the client last saw.
+    pub tx_status: u8,
+    /// Cache counters, collected by the session.
+    pub counters: StatementCounters,
+    /// Session commands run inside the open transaction block: they take effect at COMMIT.
+    pub(super) in_block: Vec<SessionCommand>,
+    /// Whether a transaction block is open (from BEGIN/COMMIT/ROLLBACK tags and ReadyForQuery).
+    pub(super) block_open: bool,
+    /// After RESET ALL / DISCARD ALL, the backend reports the defaults; the client's startup
+    /// values win over those reports until the next ReadyForQuery.
+    pub(super) resetting: bool,
+    /// Responses still owed for requests forwarded or answered by the proxy, in order, each
+    /// with the sequence number of the client message that owes it.
+    pub(super) expect: VecDeque<(u64, Expect)>,
+    /// Sequence number of the last client message.
+    pub(super) seq: u64,
+    /// Sequence numbers of CopyDone/CopyFail messages not yet matched to a COPY.
+    pub(super) copy_ends: VecDeque<u64>,
+    /// The backend is in COPY-in mode and the client has not ended it yet: its Syncs are
+    /// ignored by the backend, so none is owed for them.
+    pub(super) copy_in: bool,
+    /// Session command of the unnamed statement and of the unnamed portal.
+    pub(super) unnamed_statement: Option<SessionCommand>,
+    pub(super) unnamed_portal: Option<SessionCommand>,
+}
+
+impl SessionView {
+    /// A session that starts with these settings.
+    pub fn new(startup: Settings) -> Self {
+        SessionView {
+            settings: startup.clone(),
+            startup,
+            tx_status: b'I',
+            ..Default::default()
+        }
+    }
+
+    /// Queues an owed response for the client message just read.
+    pub(super) fn owe(&mut self, e: Expect) {
+        self.seq += 1;
+        self.expect.push_back((self.seq, e));
+    }
+
+    /// The owed response at the head of the queue.
+    pub(super) fn head(&self) -> Option<&Expect> {
+        self.expect.front().map(|(_, e)| e)
+    }
+
+    /// A CopyDone or CopyFail from the client.
+    pub(super) fn copy_end(&mut self) {
+        self.seq += 1;
+        if self.copy_in {
+            self.copy_in = false;
+        } else {
+            // Not matched yet: the backend's CopyInResponse may still be on its way.
+            if self.copy_ends.len() >= 64 {
+                self.copy_ends.pop_front();
+            }
+            self.copy_ends.push_back(self.seq);
+        }
+    }
+
+    /// The backend entered COPY-in mode for the request at the head of the queue: it ignores
+    /// the Syncs the client sent between that request and its CopyDone/CopyFail.
+    pub(super) fn copy_in_started(&mut self) {
+        let Some(&(head_seq, _)) = self.expect.front() else {
+            return;
+        };
+        while self.copy_ends.front().is_some_and(|&s| s < head_seq) {
+            self.copy_ends.pop_front();
+        }
+        let end = self.copy_ends.pop_front();
+        let ignored = |seq: u64| seq > head_seq && end.is_none_or(|e| seq < e);
+        self.expect
+            .retain(|(seq, e)| !(matches!(e, Expect::Sync) && ignored(*seq)));
+        self.copy_in = end.is_none();
+    }
+
+    /// The server connection died mid-request: the client is told `status`, and whatever its
+    /// open block did on that server is gone with it.
+    pub fn server_lost(&mut self, status: u8) {
+        self.tx_status = status;
+        self.in_block.clear();
+        self.block_open = false;
+        self.resetting = false;
+        self.clear_owed();
+    }
+
+    /// Forgets everything owed (a new relay, or the old one ended abnormally).
+    pub(super) fn clear_owed(&mut self) {
+        self.expect.clear();
+        self.copy_ends.clear();
+        self.copy_in = false;
+    }
+
+    /// A value the backend reported with ParameterStatus: the server has it now, and the client
+    /// sees it (unless a RESET ALL is bringing back its startup values).
+    pub(super) fn reported(&mut self, server: &mut ServerConn, name: String, value: String) {
+        let v = SettingValue::Text(value);
+        if !self.resetting {
+            self.settings.insert(name.clone(), v.clone());
+        }
+        server.stale.remove(&name);
+        server.applied.insert(name, v);
+    }
+
+    /// A session command completed (CommandComplete); outside a block it takes effect now,
+    /// inside one at COMMIT.
+    pub(super) fn completed(&mut self, server: &mut ServerConn, cmd: SessionCommand) {
+        if self.block_open {
+            self.in_block.push(cmd);
+        } else {
+            self.apply(server, cmd);
+        }
+    }
+
+    /// The open block committed: its session commands take effect.
+    pub(super) fn committed(&mut self, server: &mut ServerConn) {
+        for cmd in std::mem::take(&mut self.in_block) {
+            self.apply(server, cmd);
+        }
+        self.block_open = false;
+    }
+
+    /// The open block rolled back: the backend undid its commands itself.
+    pub(super) fn rolled_back(&mut self) {
+        self.in_block.clear();
+        self.block_open = false;
+    }
+
+    fn apply(&mut self, server: &mut ServerConn, cmd: SessionCommand) {
+        match cmd {
+            SessionCommand::Set { name, value } => {
+                let v = SettingValue::Sql(value);
+                server.stale.remove(&name);
+                server.applied.insert(name.clone(), v.clone());
+                self.settings.insert(name, v);
+            }
+            SessionCommand::Reset { name } => {
+                server.stale.remove(&name);
+                server.applied.remove(&name);
+                match self.startup.get(&name) {
+                    Some(v) => self.settings.insert(name, v.clone()),
+                    None => self.settings.remove(&name),
+                };
+            }
+            SessionCommand::ResetAll => self.reset_all(server),
+            SessionCommand::DiscardAll => {
+                self.reset_all(server);
+                self.statements.clear();
+                server.prepared.clear();
+            }
+            SessionCommand::Deallocate(_) => {}
+        }
+    }
+
+    fn reset_all(&mut self, server: &mut ServerConn) {
+        server.applied.clear();
+        server.stale.clear();
+        self.settings = self.startup.clone();
+        self.resetting = true;
+    }
+}
