@@ -200,10 +200,15 @@ fn extended(
                 view.owe(Expect::Bind);
                 return Ok(forward(buf, h, server));
             }
-            let client_name = String::from_utf8_lossy(stmt_name).into_owned();
-            let Some(stmt) = view.statements.get(&client_name).cloned() else {
+            // Looked up without allocating: Bind is on every execution's path.
+            let found = std::str::from_utf8(stmt_name)
+                .ok()
+                .and_then(|n| view.statements.get(n))
+                .cloned();
+            let Some(stmt) = found else {
+                let err = missing_statement(&String::from_utf8_lossy(stmt_name));
                 let step = drop_message(buf, h);
-                refuse(view, flags, missing_statement(&client_name));
+                refuse(view, flags, err);
                 return Ok(step);
             };
             if portal_unnamed {
@@ -211,7 +216,6 @@ fn extended(
             }
             ensure_prepared(view, server, &stmt);
             // Rewrite the head (portal, statement name); the parameters stream through.
-            let portal = portal.to_vec();
             let old_head = portal.len() + 1 + stmt_name.len() + 1;
             let rest = h.body_len - old_head;
             let new_len = 4 + portal.len() + 1 + stmt.name.len() + 1 + rest;
@@ -219,7 +223,7 @@ fn extended(
             server
                 .wbuf
                 .put_u32(u32::try_from(new_len).map_err(|_| ProtoError::Invalid("Bind length"))?);
-            put_cstr(&mut server.wbuf, &portal);
+            put_cstr(&mut server.wbuf, portal);
             put_cstr(&mut server.wbuf, stmt.name.as_bytes());
             buf.advance(HEADER_LEN + old_head);
             view.owe(Expect::Bind);
