@@ -64,6 +64,28 @@ impl Proxy {
         self.clients.get()
     }
 
+    /// Pauses every pool (SIGUSR1): transactions in flight finish, new ones wait within their
+    /// wait timeout, then all server connections are closed. Returns when that is done.
+    pub async fn pause_all(&self) {
+        let pools = self.pools.all();
+        let pauses = pools.iter().map(|p| p.pause());
+        futures_join_all(pauses).await;
+    }
+
+    /// Resumes every pool (SIGUSR2).
+    pub fn resume_all(&self) {
+        for p in self.pools.all() {
+            p.resume();
+        }
+    }
+
+    /// Retires every server connection (idle ones now, busy ones as they come back).
+    pub fn reconnect_all(&self) {
+        for p in self.pools.all() {
+            p.reconnect();
+        }
+    }
+
     /// Stops accepting and closes idle server connections. Connected clients keep running
     /// until they leave.
     pub async fn stop(self) {
@@ -72,5 +94,12 @@ impl Proxy {
         for pool in self.pools.all() {
             pool.close_idle();
         }
+    }
+}
+
+/// Awaits all futures (few: one per pool), without pulling in a futures crate.
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
+    for f in futs {
+        f.await;
     }
 }

@@ -93,7 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 addr = proxy.addr()
             );
         }
-        wait_for_signal().await?;
+        wait_for_stop(&proxy).await?;
         tracing::info!("shutting down");
         proxy.stop().await;
         anyhow::Ok(())
@@ -102,14 +102,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Serves signals until SIGINT or SIGTERM: SIGUSR1 pauses every pool (for maintenance),
+/// SIGUSR2 resumes them.
+async fn wait_for_stop(proxy: &Proxy) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    loop {
+        tokio::select! {
+            _ = int.recv() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = usr2.recv() => proxy.resume_all(),
+            _ = usr1.recv() => {
+                tracing::info!("SIGUSR1: pausing all pools");
+                let pause = proxy.pause_all();
+                tokio::pin!(pause);
+                let mut paused = false;
+                loop {
+                    tokio::select! {
+                        () = &mut pause, if !paused => {
+                            paused = true;
+                            tracing::info!("all pools paused: no server connections open");
+                        }
+                        _ = usr2.recv() => break,
+                        _ = int.recv() => return Ok(()),
+                        _ = term.recv() => return Ok(()),
+                    }
+                }
+                tracing::info!("SIGUSR2: resuming all pools");
+                proxy.resume_all();
+            }
+        }
     }
-    Ok(())
 }
 
 /// A config serving a throwaway cluster: database `postgres`, user `postgres`/`postgres`.

@@ -36,6 +36,7 @@ const GLOBAL_KEYS: &[&str] = keys_of!(RawConfig {
     auth_type,
     server_reset_query,
     server_connect_timeout,
+    server_check_delay,
     query_wait_timeout,
     client_login_timeout,
     databases,
@@ -299,6 +300,7 @@ fn written_defaults_equal_the_code_defaults() {
         assert_eq!(cfg.server_reset_query, defaults::SERVER_RESET_QUERY);
         assert_eq!(cfg.server_connect_timeout, defaults::SERVER_CONNECT_TIMEOUT);
         assert_eq!(cfg.query_wait_timeout, defaults::QUERY_WAIT_TIMEOUT);
+        assert_eq!(cfg.server_check_delay, defaults::SERVER_CHECK_DELAY);
         assert_eq!(cfg.client_login_timeout, defaults::CLIENT_LOGIN_TIMEOUT);
         // Defaults that live in resolve.rs rather than in `defaults`: compare with a config
         // that leaves them out.

@@ -272,8 +272,17 @@ async fn idle_server_connection_killed_by_the_backend_is_replaced_transparently(
         .await
         .unwrap();
     let pool = proxy.pools().all()[0].clone();
-    // The idle connection is found dead at checkout and replaced; the client sees no error.
+    // pg_terminate_backend only signals: wait until the backend process is really gone.
+    let gone = format!("select count(*) from pg_stat_activity where pid = {pid}");
+    assert!(eventually(LIMIT, || cluster().psql("postgres", &gone).unwrap() == "0").await);
+    // The idle connection is found dead (at checkout or by the pool's watch) and replaced;
+    // the client sees no error.
     let new_pid = first_value(&c.simple_query("select pg_backend_pid()").await.unwrap()).unwrap();
     assert_ne!(pid, new_pid);
     assert_eq!(pgsluice::pool::PoolStats::get(&pool.stats.dead_on_checkout), 1);
+    assert_eq!(
+        pgsluice::pool::PoolStats::get(&pool.stats.restarts_detected),
+        0,
+        "one backend, not a restart"
+    );
 }

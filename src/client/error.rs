@@ -57,6 +57,9 @@ pub enum ClientError {
     /// The server connection broke while serving this client, with nothing sent by the backend.
     #[error("server connection lost")]
     ServerLost,
+    /// A request inside a transaction block that was lost with its server connection.
+    #[error("current transaction is aborted, commands ignored until end of transaction block (its server connection was lost)")]
+    TransactionAborted,
 }
 
 impl ClientError {
@@ -93,6 +96,9 @@ impl ClientError {
             ClientError::Checkout(CheckoutError::WaitTimeout { .. }) => {
                 PgError::new(severity, code::TOO_MANY_CONNECTIONS, msg)
             }
+            ClientError::Checkout(CheckoutError::BackendDown { code, .. }) => {
+                PgError::new(severity, code, msg)
+            }
             ClientError::Checkout(CheckoutError::Connect { pool, source }) => match source {
                 // The backend's own answer (e.g. 28P01 from a wrong server_password, 3D000, 57P03)
                 // keeps its code; the message says it came from the backend.
@@ -113,6 +119,7 @@ impl ClientError {
             },
             ClientError::Setting(e) => e.clone().with_severity(severity),
             ClientError::ServerLost => PgError::new(severity, code::CONNECTION_FAILURE, msg),
+            ClientError::TransactionAborted => PgError::new(severity, "25P02", msg),
         }
     }
 }

@@ -50,6 +50,12 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
             discard_message(io).await?;
             continue;
         }
+        if s.view.lost_block {
+            // The transaction died with its server connection: answer until the client ends
+            // it, so nothing it sends meanwhile runs in autocommit by accident.
+            answer_lost_block(io, &mut s.view).await?;
+            continue;
+        }
         let deadline = s.pool.query_wait_timeout.map(|t| Instant::now() + t);
         let mut server = match checkout(&s.pool, &s.view.settings, deadline).await {
             Ok(server) => server,
@@ -86,7 +92,8 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
                 unsynced,
             } => {
                 server.discard();
-                tracing::warn!(pool = %s.pool.key, "server connection lost while serving a client");
+                s.pool.server_failed(error_sent.as_ref());
+                tracing::warn!(pool = %s.pool.key, error = ?error_sent.as_ref().map(ToString::to_string), "server connection lost while serving a client");
                 if mode == Mode::Session {
                     if error_sent.is_none() {
                         ClientError::ServerLost
@@ -146,6 +153,7 @@ async fn checkout(
                 return Err(ClientError::Setting(err));
             }
             Err(e) if attempts < CHECKOUT_ATTEMPTS => {
+                PoolStats::bump(&pool.stats.transparent_retries);
                 tracing::debug!(pool = %pool.key, error = %e, "server failed while applying settings; retrying");
                 server.discard();
             }
@@ -155,6 +163,59 @@ async fn checkout(
             }
         }
     }
+}
+
+/// Answers one request of a client whose transaction block was lost with its server
+/// connection: ROLLBACK (and COMMIT, which PostgreSQL also answers with ROLLBACK in a failed
+/// block) ends it; anything else gets 25P02, as inside any failed transaction block.
+async fn answer_lost_block<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    view: &mut SessionView,
+) -> Result<(), Gone> {
+    let (tag, body) = match io.read_message(io.max_body.min(64 * 1024)).await? {
+        Ok(m) => m,
+        Err(_) => {
+            // Too large to be a transaction-control statement: refuse it like any other.
+            let aborted = aborted_error();
+            return fail_request(io, &aborted).await;
+        }
+    };
+    let ends_block = tag == b'Q' && {
+        let sql = String::from_utf8_lossy(&body).to_ascii_lowercase();
+        let first = sql
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_end_matches([';', '\0'])
+            .to_string();
+        let second = sql.split_whitespace().nth(1).unwrap_or("");
+        matches!(first.as_str(), "rollback" | "abort" | "commit" | "end")
+            && !matches!(second, "to" | "prepared")
+    };
+    if ends_block {
+        backend::command_complete(&mut io.out, "ROLLBACK");
+        view.block_ended();
+        backend::ready_for_query(&mut io.out, b'I');
+        return io.flush().await;
+    }
+    aborted_error()
+        .to_pg_error(Severity::Error)
+        .write_error(&mut io.out);
+    match tag {
+        b'Q' | b'F' | b'S' => {
+            backend::ready_for_query(&mut io.out, b'E');
+            io.flush().await
+        }
+        b'd' | b'c' | b'f' | b'H' => io.flush().await,
+        _ => {
+            io.flush().await?;
+            skip_to_sync(io, b'E').await
+        }
+    }
+}
+
+fn aborted_error() -> ClientError {
+    ClientError::TransactionAborted
 }
 
 /// Adds the relay's prepared-statement counters to the pool's.

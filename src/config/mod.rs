@@ -125,6 +125,8 @@ pub struct Config {
     pub max_prepared_statements: u32,
     /// Bound on connect + login to the backend.
     pub server_connect_timeout: Option<Duration>,
+    /// Idle time after which a server connection is checked with a round trip before reuse.
+    pub server_check_delay: Option<Duration>,
     /// Bound on waiting for a server connection.
     pub query_wait_timeout: Option<Duration>,
     /// Bound on client startup + authentication.

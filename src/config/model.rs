@@ -58,6 +58,9 @@ pub struct RawConfig {
     /// Bound on connecting + logging in to the backend.
     #[serde(default, deserialize_with = "de_timeout")]
     pub server_connect_timeout: Option<Option<Duration>>,
+    /// Idle time after which a server connection is checked with a round trip before reuse.
+    #[serde(default, deserialize_with = "de_timeout")]
+    pub server_check_delay: Option<Option<Duration>>,
     /// Bound on waiting for a server connection.
     #[serde(default, deserialize_with = "de_timeout")]
     pub query_wait_timeout: Option<Option<Duration>>,
@@ -134,6 +137,8 @@ pub mod defaults {
     pub const SERVER_RESET_QUERY: &str = "DISCARD ALL";
     /// `server_connect_timeout`
     pub const SERVER_CONNECT_TIMEOUT: Option<Duration> = Some(Duration::from_secs(5));
+    /// `server_check_delay`
+    pub const SERVER_CHECK_DELAY: Option<Duration> = Some(Duration::from_secs(30));
     /// `query_wait_timeout`
     pub const QUERY_WAIT_TIMEOUT: Option<Duration> = Some(Duration::from_secs(120));
     /// `client_login_timeout`

@@ -89,6 +89,7 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
         server_connect_timeout: raw
             .server_connect_timeout
             .unwrap_or(defaults::SERVER_CONNECT_TIMEOUT),
+        server_check_delay: raw.server_check_delay.unwrap_or(defaults::SERVER_CHECK_DELAY),
         query_wait_timeout: raw.query_wait_timeout.unwrap_or(defaults::QUERY_WAIT_TIMEOUT),
         client_login_timeout: raw.client_login_timeout.unwrap_or(defaults::CLIENT_LOGIN_TIMEOUT),
         server_reset_query: raw

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::guard::Pooled;
 use super::state::{Grant, Take};
-use super::{lock, Pool, PoolKey, PoolStats};
+use super::{health, lock, Pool, PoolKey, PoolStats};
 use crate::server::{self, ServerConn, ServerError};
 
 /// Why a checkout produced no connection.
@@ -21,6 +21,20 @@ pub enum CheckoutError {
         pool: PoolKey,
         /// How long the client waited, formatted.
         waited: String,
+    },
+    /// The backend is down (restarting, crashed, unreachable) and did not come back in time.
+    #[error("backend {backend} unavailable for {down_for} (pool {pool}): {last_error}")]
+    BackendDown {
+        /// The pool.
+        pool: PoolKey,
+        /// The backend's address.
+        backend: String,
+        /// 57P03 if its last login answer was "starting up", else 08006.
+        code: &'static str,
+        /// How long it has been down, formatted.
+        down_for: String,
+        /// The last failure.
+        last_error: String,
     },
     /// Opening a new server connection failed.
     #[error("could not open a server connection for pool {pool}: {source}")]
@@ -71,6 +85,9 @@ impl Pool {
                         Some(g) => g,
                         None => {
                             PoolStats::bump(&self.stats.wait_timeouts);
+                            if self.health.outage().is_some() {
+                                return Err(self.outage_error(deadline));
+                            }
                             return Err(CheckoutError::WaitTimeout {
                                 pool: self.key.clone(),
                                 waited: fmt_secs(waited),
@@ -80,41 +97,150 @@ impl Pool {
                 }
             };
             match grant {
-                Grant::Conn(c) if c.rbuf.is_empty() && c.stream.is_quiet() => {
-                    return Ok(Pooled::new(self.clone(), c));
-                }
                 Grant::Conn(c) => {
-                    tracing::debug!(pool = %self.key, server = c.id, "idle server connection is dead; replacing it");
-                    PoolStats::bump(&self.stats.dead_on_checkout);
-                    self.close(c);
+                    if let Some(c) = self.vet(c).await {
+                        return Ok(Pooled::new(self.clone(), c));
+                    }
                 }
-                Grant::Slot => return self.open_new().await,
+                Grant::Slot => return self.open_new(deadline).await,
             }
         }
     }
 
-    /// Opens a connection in a slot already reserved for it.
-    async fn open_new(self: &Arc<Self>) -> Result<Pooled, CheckoutError> {
-        match server::connect(&self.target, &self.credentials(), self.connect_timeout).await {
-            Ok(conn) => {
-                PoolStats::bump(&self.stats.server_logins);
-                *lock(&self.params) = Some(conn.login_params.clone());
-                lock(&self.state).connected();
-                tracing::debug!(pool = %self.key, server = conn.id, "server connection opened");
-                Ok(Pooled::new(self.clone(), conn))
-            }
-            Err(source) => {
-                PoolStats::bump(&self.stats.server_login_failures);
-                lock(&self.state).slot_freed(true);
-                tracing::warn!(pool = %self.key, error = %source, "server login failed");
-                Err(CheckoutError::Connect {
-                    pool: self.key.clone(),
-                    source,
-                })
+    /// Checks an idle connection before handing it out: not from before a backend failure,
+    /// nothing unsolicited to read (EOF or a FATAL), and — after `server_check_delay` of
+    /// idleness — answering a round trip. A dead one is closed and `None` returned: the caller
+    /// takes another, and the client never notices.
+    async fn vet(self: &Arc<Self>, mut c: ServerConn) -> Option<ServerConn> {
+        let alive = c.generation == self.health.generation() && c.rbuf.is_empty() && c.stream.is_quiet();
+        let alive = alive
+            && match self.check_delay {
+                Some(d) if c.last_used.elapsed() >= d => matches!(c.simple_query("").await, Ok(None)),
+                _ => true,
+            };
+        if alive {
+            return Some(c);
+        }
+        tracing::debug!(pool = %self.key, server = c.id, "idle server connection is dead or retired; replacing it");
+        PoolStats::bump(&self.stats.dead_on_checkout);
+        self.close(c);
+        None
+    }
+
+    /// Opens a connection in a slot already reserved for it. While the backend is down, this
+    /// waits for its turn to probe (one probe at a time, paced by backoff) until `deadline`,
+    /// so clients are held instead of failed.
+    async fn open_new(self: &Arc<Self>, deadline: Option<Instant>) -> Result<Pooled, CheckoutError> {
+        let mut held = false;
+        loop {
+            let probe = if self.health.outage().is_some() {
+                if !held {
+                    held = true;
+                    PoolStats::bump(&self.stats.clients_held);
+                }
+                let guard = match deadline {
+                    None => self.health.probe.lock().await,
+                    Some(d) => match tokio::time::timeout_at(d, self.health.probe.lock()).await {
+                        Ok(g) => g,
+                        Err(_) => return Err(self.give_up(deadline)),
+                    },
+                };
+                if self.health.outage().is_none() {
+                    continue;
+                }
+                let at = self.health.next_probe();
+                if deadline.is_some_and(|d| at >= d) {
+                    if let Some(d) = deadline {
+                        tokio::time::sleep_until(d).await;
+                    }
+                    return Err(self.give_up(deadline));
+                }
+                tokio::time::sleep_until(at).await;
+                PoolStats::bump(&self.stats.reconnect_attempts);
+                Some(guard)
+            } else {
+                None
+            };
+            match self.login().await {
+                Ok(conn) => {
+                    drop(probe);
+                    lock(&self.state).connected();
+                    return Ok(Pooled::new(self.clone(), conn));
+                }
+                Err(e) if health::is_transient(&e) => {
+                    PoolStats::bump(&self.stats.server_login_failures);
+                    if probe.is_some() {
+                        PoolStats::bump(&self.stats.reconnect_failures);
+                    }
+                    if self.health.login_failed(&e) {
+                        PoolStats::bump(&self.stats.restarts_detected);
+                        tracing::warn!(pool = %self.key, error = %e, "backend unavailable; holding clients and probing with backoff");
+                        self.close_idle();
+                    } else {
+                        tracing::debug!(pool = %self.key, error = %e, "backend still unavailable");
+                    }
+                    drop(probe);
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(self.give_up(deadline));
+                    }
+                }
+                Err(source) => {
+                    drop(probe);
+                    PoolStats::bump(&self.stats.server_login_failures);
+                    lock(&self.state).slot_freed(true);
+                    tracing::warn!(pool = %self.key, error = %source, "server login failed");
+                    return Err(CheckoutError::Connect {
+                        pool: self.key.clone(),
+                        source,
+                    });
+                }
             }
         }
     }
+
+    /// Connects, logs in and learns the backend's identity; a changed identity (or a backend
+    /// that was down) retires every older connection.
+    async fn login(self: &Arc<Self>) -> Result<ServerConn, ServerError> {
+        let mut conn = server::connect(&self.target, &self.credentials(), self.connect_timeout).await?;
+        let identity = conn.query_text(IDENTITY_QUERY).await?;
+        if self.health.login_succeeded(identity) {
+            tracing::info!(pool = %self.key, "backend available again");
+            self.close_idle();
+        }
+        conn.generation = self.health.generation();
+        PoolStats::bump(&self.stats.server_logins);
+        *lock(&self.params) = Some(conn.login_params.clone());
+        tracing::debug!(pool = %self.key, server = conn.id, "server connection opened");
+        Ok(conn)
+    }
+
+    /// The slot reserved for a connection that will not be opened goes back; the error names
+    /// the outage (57P03 if the backend last said it is starting up, else 08006).
+    fn give_up(&self, deadline: Option<Instant>) -> CheckoutError {
+        lock(&self.state).slot_freed(true);
+        self.outage_error(deadline)
+    }
+
+    /// The error for a client whose wait ended while the backend is (or was just) down.
+    fn outage_error(&self, _deadline: Option<Instant>) -> CheckoutError {
+        match self.health.outage() {
+            Some(o) => CheckoutError::BackendDown {
+                pool: self.key.clone(),
+                backend: self.target.backend.to_string(),
+                code: o.code,
+                down_for: fmt_secs(o.since.elapsed()),
+                last_error: o.last_error,
+            },
+            None => CheckoutError::WaitTimeout {
+                pool: self.key.clone(),
+                waited: "its wait".to_string(),
+            },
+        }
+    }
 }
+
+/// How a new connection learns which backend instance it reached: a restart changes it.
+const IDENTITY_QUERY: &str = "SELECT pg_catalog.pg_postmaster_start_time()::text";
 
 // Lives on the stack for one loop turn; boxing would allocate on every checkout.
 #[allow(clippy::large_enum_variant)]

@@ -6,7 +6,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{lock, Pool};
+use super::Pool;
 use crate::server::ServerConn;
 
 /// How long a released connection may wait for a forwarded cancel to finish before it is
@@ -36,7 +36,13 @@ impl Pooled {
     /// Returns a clean connection (ReadyForQuery 'I', nothing outstanding) to the pool. If a
     /// cancel forwarded to its backend is still in flight, it rejoins only once that is over.
     pub fn release(mut self) {
-        let Some(conn) = self.conn.take() else { return };
+        let Some(mut conn) = self.conn.take() else { return };
+        conn.last_used = tokio::time::Instant::now();
+        if conn.generation != self.pool.health.generation() {
+            // From before a backend failure or an operator's reconnect: retire it.
+            self.pool.close(conn);
+            return;
+        }
         if !conn.rbuf.is_empty() {
             // Bytes after the final ReadyForQuery: the connection is out of step; never reuse.
             self.pool.close(conn);
@@ -46,14 +52,14 @@ impl Pooled {
             let pool = self.pool.clone();
             tokio::spawn(async move {
                 if conn.cancel_gate.wait_idle(CANCEL_SETTLE_LIMIT).await {
-                    lock(&pool.state).give_back(conn);
+                    pool.checkin(conn);
                 } else {
                     pool.close(conn);
                 }
             });
             return;
         }
-        lock(&self.pool.state).give_back(conn);
+        self.pool.checkin(conn);
     }
 
     /// Closes the connection (state unknown or broken).

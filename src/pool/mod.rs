@@ -7,7 +7,9 @@
 
 mod checkout;
 mod guard;
+pub mod health;
 pub mod key;
+mod maintenance;
 pub mod state;
 pub mod stats;
 
@@ -48,6 +50,12 @@ pub struct Pool {
     /// Credentials learned from a client's SCRAM proof (pass-through), when none are configured.
     learned_creds: Mutex<Option<LoginCredentials>>,
     connect_timeout: Option<Duration>,
+    /// Idle time after which a connection is checked with a round trip before handout.
+    check_delay: Option<Duration>,
+    /// The backend's availability.
+    pub health: health::Health,
+    /// Woken when a connection comes back or closes while the pool is paused.
+    released: tokio::sync::Notify,
     /// Bound on waiting for a server connection.
     pub query_wait_timeout: Option<Duration>,
     /// Query run before a session-mode connection is reused.
@@ -93,6 +101,9 @@ impl Pool {
             learned_creds: Mutex::new(None),
             connect_timeout: config.server_connect_timeout,
             query_wait_timeout: config.query_wait_timeout,
+            check_delay: config.server_check_delay,
+            health: health::Health::default(),
+            released: tokio::sync::Notify::new(),
             reset_query: config.server_reset_query.clone(),
             stats: PoolStats::default(),
             params: Mutex::new(None),
@@ -150,12 +161,74 @@ impl Pool {
         }
     }
 
+    /// Pauses the pool for maintenance: new transactions wait (within their wait timeout),
+    /// transactions in flight finish, then every server connection is closed. Returns once
+    /// no server connection is left.
+    pub async fn pause(&self) {
+        lock(&self.state).set_paused(true);
+        loop {
+            let released = self.released.notified();
+            let c = self.counts();
+            self.close_idle();
+            if c.active == 0 && c.connecting == 0 {
+                return;
+            }
+            released.await;
+        }
+    }
+
+    /// Ends a pause: waiting clients are served in order.
+    pub fn resume(&self) {
+        lock(&self.state).set_paused(false);
+    }
+
+    /// Whether the pool is paused.
+    pub fn paused(&self) -> bool {
+        lock(&self.state).paused()
+    }
+
+    /// Retires every server connection: idle ones now, busy ones when they come back (an
+    /// operator's reconnect, or a crash every backend process goes down with).
+    pub fn reconnect(&self) {
+        self.health.retire_all();
+        self.close_idle();
+    }
+
+    /// A server connection failed while serving a client with `err` (if the backend said
+    /// anything). A crash (57P02) takes every backend process down: retire them all. Anything
+    /// else retires only that connection (an operator's pg_terminate_backend hits one).
+    pub fn server_failed(&self, err: Option<&PgError>) {
+        if err.is_some_and(|e| e.code() == "57P02") {
+            PoolStats::bump(&self.stats.restarts_detected);
+            self.reconnect();
+        }
+    }
+
     /// Closes a connection and frees its slot for the next waiter.
     fn close(&self, mut conn: ServerConn) {
         conn.terminate_nowait();
         drop(conn);
         PoolStats::bump(&self.stats.servers_closed);
-        lock(&self.state).slot_freed(false);
+        let paused = {
+            let mut st = lock(&self.state);
+            st.slot_freed(false);
+            st.paused()
+        };
+        if paused {
+            self.released.notify_waiters();
+        }
+    }
+
+    /// A clean connection goes back: to the first waiter, or the idle list.
+    fn checkin(&self, conn: ServerConn) {
+        let paused = {
+            let mut st = lock(&self.state);
+            st.give_back(conn);
+            st.paused()
+        };
+        if paused {
+            self.released.notify_waiters();
+        }
     }
 }
 
@@ -189,7 +262,11 @@ impl Pools {
         let mut pools = lock(&self.pools);
         pools
             .entry(key)
-            .or_insert_with(|| Arc::new(Pool::new(&self.config, db, user)))
+            .or_insert_with(|| {
+                let pool = Arc::new(Pool::new(&self.config, db, user));
+                tokio::spawn(maintenance::run(Arc::downgrade(&pool)));
+                pool
+            })
             .clone()
     }
 

@@ -43,6 +43,8 @@ pub struct PoolState<T> {
     next_waiter: u64,
     max_size: u32,
     high_water: u32,
+    /// Paused by an operator: nothing is handed out; connections coming back stay idle.
+    paused: bool,
 }
 
 impl<T> PoolState<T> {
@@ -56,13 +58,14 @@ impl<T> PoolState<T> {
             next_waiter: 0,
             max_size,
             high_water: 0,
+            paused: false,
         }
     }
 
     /// Takes an idle connection (most recently used first: its caches are warm), or reserves a
     /// slot, or says to wait. Never jumps the queue: with waiters queued, a newcomer waits too.
     pub fn take(&mut self) -> Take<T> {
-        if !self.waiters.is_empty() {
+        if !self.waiters.is_empty() || self.paused {
             return Take::Wait;
         }
         if let Some(c) = self.idle.pop() {
@@ -104,7 +107,7 @@ impl<T> PoolState<T> {
 
     /// A clean connection comes back: to the first waiter, else to the idle list.
     pub fn give_back(&mut self, mut conn: T) {
-        while let Some(w) = self.waiters.pop_front() {
+        while let Some(w) = (!self.paused).then(|| self.waiters.pop_front()).flatten() {
             match w.tx.send(Grant::Conn(conn)) {
                 Ok(()) => return,
                 Err(Grant::Conn(c)) => conn = c,
@@ -121,14 +124,47 @@ impl<T> PoolState<T> {
             self.connecting = self.connecting.saturating_sub(1);
         }
         self.open = self.open.saturating_sub(1);
-        while let Some(w) = self.waiters.pop_front() {
-            self.reserve_slot();
-            if w.tx.send(Grant::Slot).is_ok() {
-                return;
-            }
-            self.open -= 1;
-            self.connecting -= 1;
+        if self.paused {
+            return;
         }
+        self.grant_free_slots();
+    }
+
+    /// Pauses or resumes handing out connections. On resume, queued waiters get the free slots.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+        if !paused {
+            for conn in std::mem::take(&mut self.idle) {
+                self.give_back(conn);
+            }
+            self.grant_free_slots();
+        }
+    }
+
+    /// Whether an operator paused the pool.
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Gives free slots (below the pool size) to waiters, first come first served.
+    fn grant_free_slots(&mut self) {
+        while self.open < self.max_size {
+            let Some(w) = self.waiters.pop_front() else { return };
+            self.reserve_slot();
+            if w.tx.send(Grant::Slot).is_err() {
+                self.open -= 1;
+                self.connecting -= 1;
+            }
+        }
+    }
+
+    /// Takes out the idle connections `keep` rejects (to close them).
+    pub fn take_idle_where(&mut self, mut reject: impl FnMut(&T) -> bool) -> Vec<T> {
+        let (rejected, kept): (Vec<T>, Vec<T>) = std::mem::take(&mut self.idle)
+            .into_iter()
+            .partition(|c| reject(c));
+        self.idle = kept;
+        rejected
     }
 
     /// Takes every idle connection out (to close them).
@@ -190,6 +226,23 @@ mod tests {
         s.give_back(8);
         assert!(matches!(r2.try_recv().unwrap(), Grant::Conn(8)));
         assert_eq!(s.counts().high_water, 2);
+    }
+
+    #[test]
+    fn paused_pool_queues_everyone_and_resume_serves_them() {
+        let mut s = PoolState::<u32>::new(2);
+        assert!(matches!(s.take(), Take::Connect));
+        s.connected();
+        s.set_paused(true);
+        assert!(matches!(s.take(), Take::Wait));
+        let (_, mut r1) = s.enqueue();
+        let (_, mut r2) = s.enqueue();
+        s.give_back(1);
+        assert!(r1.try_recv().is_err(), "nothing handed out while paused");
+        assert_eq!(s.counts().idle, 1);
+        s.set_paused(false);
+        assert!(matches!(r1.try_recv().unwrap(), Grant::Conn(1)));
+        assert!(matches!(r2.try_recv().unwrap(), Grant::Slot));
     }
 
     #[test]

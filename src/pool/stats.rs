@@ -23,6 +23,17 @@ pub struct PoolStats {
     pub wait_us_total: AtomicU64,
     /// Transactions relayed (transaction mode) or sessions (session mode).
     pub transactions: AtomicU64,
+    /// Backend failures detected (the backend marked down, or found restarted).
+    pub restarts_detected: AtomicU64,
+    /// Probes of a down backend.
+    pub reconnect_attempts: AtomicU64,
+    /// Probes that failed.
+    pub reconnect_failures: AtomicU64,
+    /// Checkouts held while the backend was down (instead of failing).
+    pub clients_held: AtomicU64,
+    /// Requests moved to another server connection because theirs died before any of their
+    /// bytes were sent.
+    pub transparent_retries: AtomicU64,
     /// Prepared statements a server connection already had.
     pub prepared_hits: AtomicU64,
     /// Prepared statements that had to be (re-)prepared on a server connection.

@@ -34,6 +34,9 @@ pub struct SessionView {
     pub tx_status: u8,
     /// Cache counters, collected by the session.
     pub counters: StatementCounters,
+    /// The client's transaction block was lost with its server connection: it is told 'E'
+    /// until it ends the block, which the proxy answers itself.
+    pub lost_block: bool,
     /// Session commands run inside the open transaction block: they take effect at COMMIT.
     pub(super) in_block: Vec<SessionCommand>,
     /// Whether a transaction block is open (from BEGIN/COMMIT/ROLLBACK tags and ReadyForQuery).
@@ -65,6 +68,12 @@ impl SessionView {
             tx_status: b'I',
             ..Default::default()
         }
+    }
+
+    /// The client ended a block the proxy answered for (after its server connection was lost).
+    pub fn block_ended(&mut self) {
+        self.lost_block = false;
+        self.tx_status = b'I';
     }
 
     /// Queues an owed response for the client message just read.
@@ -112,6 +121,7 @@ impl SessionView {
     /// open block did on that server is gone with it.
     pub fn server_lost(&mut self, status: u8) {
         self.tx_status = status;
+        self.lost_block = status == b'E';
         self.in_block.clear();
         self.block_open = false;
         self.resetting = false;

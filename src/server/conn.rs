@@ -95,6 +95,11 @@ pub struct ServerConn {
     pub id: u64,
     /// When it logged in.
     pub created: Instant,
+    /// When it last went back to the pool.
+    pub last_used: Instant,
+    /// The pool's backend generation it belongs to: connections from before a backend
+    /// failure are retired instead of reused.
+    pub generation: u64,
     /// Cancels forwarded to this connection's backend process.
     pub cancel_gate: Arc<CancelGate>,
 }
@@ -167,6 +172,41 @@ impl ServerConn {
                     first_error.get_or_insert(err);
                 }
                 // Rows, command tags, notices, COPY (refused below): nothing to keep.
+                b'G' | b'H' | b'W' => return Err(ServerError::Unexpected(char::from(tag))),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs a one-value query for the proxy itself: the first column of the first row as
+    /// text (`None` for no row or NULL). A backend ERROR is `None` too: this is for facts the
+    /// proxy can do without.
+    pub async fn query_text(&mut self, sql: &str) -> Result<Option<String>, ServerError> {
+        frontend::query(&mut self.wbuf, sql);
+        self.flush_wbuf().await?;
+        let mut value = None;
+        loop {
+            let (tag, body) = self.read_message().await?;
+            match tag {
+                b'Z' => return Ok(value),
+                b'D' if value.is_none() => {
+                    let mut r = crate::proto::Reader::new(&body);
+                    if r.i16("column count")? > 0 {
+                        if let Ok(len) = usize::try_from(r.i32("column length")?) {
+                            value = Some(String::from_utf8_lossy(r.bytes(len, "column")?).into_owned());
+                        }
+                    }
+                }
+                b'E' => {
+                    let err = PgError::parse(&body)?;
+                    if err.is_fatal() {
+                        return Err(ServerError::Fatal(err));
+                    }
+                }
+                b'S' => {
+                    let (name, v) = parse_parameter_status(&body)?;
+                    self.params.insert(name, v);
+                }
                 b'G' | b'H' | b'W' => return Err(ServerError::Unexpected(char::from(tag))),
                 _ => {}
             }

@@ -110,6 +110,8 @@ async fn connect_unbounded(
         backend: target.backend.clone(),
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         created: Instant::now(),
+        last_used: Instant::now(),
+        generation: 0,
         cancel_gate: Arc::new(CancelGate::default()),
     };
     login::login(&mut conn, target, creds).await?;
