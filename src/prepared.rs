@@ -57,10 +57,25 @@ impl Statement {
     }
 }
 
+/// Whether a server connection has a statement, as far as the proxy knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// It has it (or its Parse went out in the current Sync segment: if that Parse fails, the
+    /// backend skips the rest of the segment anyway).
+    Ready,
+    /// It does not.
+    Absent,
+    /// Its Parse went out in an earlier segment and is not confirmed yet: it may have failed.
+    /// Close and prepare it again to be sure.
+    Uncertain,
+}
+
 /// The statements one server connection holds, least recently used first out.
 #[derive(Debug)]
 pub struct PreparedCache {
     used: HashMap<Arc<str>, u64>,
+    /// Statements whose Parse is not confirmed yet, with the Sync segment it was sent in.
+    pending: HashMap<Arc<str>, u64>,
     tick: u64,
     capacity: usize,
     /// Statements whose presence is unknown (a Close of them was skipped after an error):
@@ -73,6 +88,7 @@ impl PreparedCache {
     pub fn new(capacity: usize) -> Self {
         PreparedCache {
             used: HashMap::new(),
+            pending: HashMap::new(),
             tick: 0,
             capacity,
             unknown: HashSet::new(),
@@ -84,39 +100,58 @@ impl PreparedCache {
         self.capacity > 0
     }
 
-    /// Whether the server has `name`; marks it used.
-    pub fn touch(&mut self, name: &Arc<str>) -> bool {
+    /// Whether the server has `name`, for a use in Sync segment `segment`; marks it used.
+    pub fn lookup(&mut self, name: &Arc<str>, segment: u64) -> Presence {
         self.tick += 1;
         match self.used.get_mut(name) {
             Some(t) => {
                 *t = self.tick;
-                true
+                match self.pending.get(name) {
+                    Some(&sent) if sent < segment => Presence::Uncertain,
+                    _ => Presence::Ready,
+                }
             }
-            None => false,
+            None => Presence::Absent,
         }
     }
 
-    /// Records that `name` is being prepared; returns the statement evicted to make room.
-    pub fn insert(&mut self, name: Arc<str>) -> Option<Arc<str>> {
+    /// Records that `name` is being prepared in segment `segment`; returns the statement
+    /// evicted to make room.
+    pub fn insert(&mut self, name: Arc<str>, segment: u64) -> Option<Arc<str>> {
         self.tick += 1;
         let mut evicted = None;
         if self.used.len() >= self.capacity && !self.used.contains_key(&name) {
             if let Some(oldest) = self.used.iter().min_by_key(|(_, t)| **t).map(|(n, _)| n.clone()) {
                 self.used.remove(&oldest);
+                self.pending.remove(&oldest);
                 evicted = Some(oldest);
             }
         }
+        self.pending.insert(name.clone(), segment);
         self.used.insert(name, self.tick);
         evicted
     }
 
-    /// Forgets `name` (its Parse failed or was skipped).
-    pub fn remove(&mut self, name: &str) {
-        self.used.remove(name);
+    /// The Parse of `name` sent in `segment` completed.
+    pub fn confirm(&mut self, name: &str, segment: u64) {
+        if self.pending.get(name) == Some(&segment) {
+            self.pending.remove(name);
+        }
+    }
+
+    /// The Parse of `name` sent in `segment` failed or was skipped: forget the statement,
+    /// unless it has been prepared again since.
+    pub fn failed(&mut self, name: &str, segment: u64) {
+        if self.pending.get(name) == Some(&segment) {
+            self.pending.remove(name);
+            self.used.remove(name);
+        }
     }
 
     /// Marks `name` as possibly present on the server.
     pub fn mark_unknown(&mut self, name: Arc<str>) {
+        self.used.remove(&name);
+        self.pending.remove(&name);
         self.unknown.insert(name);
     }
 
@@ -129,6 +164,7 @@ impl PreparedCache {
     /// The server dropped every statement (DISCARD ALL, DEALLOCATE ALL).
     pub fn clear(&mut self) {
         self.used.clear();
+        self.pending.clear();
         self.unknown.clear();
     }
 
@@ -167,12 +203,29 @@ mod tests {
     fn evicts_least_recently_used() {
         let mut c = PreparedCache::new(2);
         let (x, y, z): (Arc<str>, Arc<str>, Arc<str>) = ("x".into(), "y".into(), "z".into());
-        assert_eq!(c.insert(x.clone()), None);
-        assert_eq!(c.insert(y.clone()), None);
-        assert!(c.touch(&x));
-        assert_eq!(c.insert(z.clone()), Some(y.clone()));
-        assert!(c.touch(&x) && c.touch(&z) && !c.touch(&y));
+        assert_eq!(c.insert(x.clone(), 0), None);
+        assert_eq!(c.insert(y.clone(), 0), None);
+        assert_eq!(c.lookup(&x, 0), Presence::Ready);
+        assert_eq!(c.insert(z.clone(), 0), Some(y.clone()));
+        assert_eq!(c.lookup(&y, 0), Presence::Absent);
         c.clear();
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn unconfirmed_statements_from_an_earlier_segment_are_uncertain() {
+        let mut c = PreparedCache::new(10);
+        let x: Arc<str> = "x".into();
+        c.insert(x.clone(), 1);
+        assert_eq!(c.lookup(&x, 1), Presence::Ready, "same segment");
+        assert_eq!(c.lookup(&x, 2), Presence::Uncertain, "its Parse may have failed");
+        c.insert(x.clone(), 2);
+        c.failed(&x, 1);
+        assert_eq!(c.lookup(&x, 2), Presence::Ready, "prepared again since: kept");
+        c.confirm(&x, 2);
+        assert_eq!(c.lookup(&x, 5), Presence::Ready);
+        c.insert("y".into(), 3);
+        c.failed("y", 3);
+        assert_eq!(c.lookup(&"y".into(), 3), Presence::Absent);
     }
 }

@@ -89,14 +89,15 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
             (what == "all" && w.rest().trim().is_empty()).then_some(SessionCommand::DiscardAll)
         }
         "deallocate" => {
-            let mut name = w.ident()?;
-            if name == "prepare" {
-                name = w.ident()?;
+            let mut name = w.ident_quoted()?;
+            if name == ("prepare".to_string(), false) {
+                name = w.ident_quoted()?;
             }
             if !w.rest().trim().is_empty() {
                 return None;
             }
-            Some(SessionCommand::Deallocate((name != "all").then_some(name)))
+            let all = name == ("all".to_string(), false);
+            Some(SessionCommand::Deallocate((!all).then_some(name.0)))
         }
         _ => None,
     }
@@ -161,18 +162,36 @@ impl<'a> Words<'a> {
 
     /// An identifier: unquoted (lowercased, dots allowed for `ext.setting`) or "quoted".
     fn ident(&mut self) -> Option<String> {
+        self.ident_quoted().map(|(name, _)| name)
+    }
+
+    /// An identifier and whether it was quoted (`"ALL"` is a name, `ALL` a keyword).
+    fn ident_quoted(&mut self) -> Option<(String, bool)> {
         let s = self.rest.trim_start();
         if let Some(q) = s.strip_prefix('"') {
-            let end = q.find('"')?;
-            self.rest = q.get(end + 1..)?;
-            return Some(q.get(..end)?.to_string());
+            // A doubled quote inside stands for one quote.
+            let mut name = String::new();
+            let mut chars = q.char_indices().peekable();
+            while let Some((i, c)) = chars.next() {
+                if c == '"' {
+                    if chars.peek().is_some_and(|&(_, n)| n == '"') {
+                        chars.next();
+                        name.push('"');
+                        continue;
+                    }
+                    self.rest = q.get(i + 1..)?;
+                    return Some((name, true));
+                }
+                name.push(c);
+            }
+            return None;
         }
         let end = s
             .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
             .unwrap_or(s.len());
         let (w, rest) = s.split_at(end);
         self.rest = rest;
-        (!w.is_empty()).then(|| w.to_ascii_lowercase())
+        (!w.is_empty()).then(|| (w.to_ascii_lowercase(), false))
     }
 
     fn rest(&self) -> &'a str {
@@ -222,6 +241,14 @@ mod tests {
             Some(Deallocate(Some("S 2".into())))
         );
         assert_eq!(classify("DEALLOCATE ALL"), Some(Deallocate(None)));
+        assert_eq!(
+            classify("DEALLOCATE \"all\""),
+            Some(Deallocate(Some("all".into())))
+        );
+        assert_eq!(
+            classify("DEALLOCATE \"a\"\"b\""),
+            Some(Deallocate(Some("a\"b".into())))
+        );
     }
 
     #[test]

@@ -9,9 +9,27 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use super::view::SessionView;
+use crate::prepared::Statement;
 use crate::proto::backend::{self, PgError};
 use crate::proto::sql::SessionCommand;
 use crate::server::ServerConn;
+
+/// Client statement mappings to put back if an answer the proxy gave is skipped (an earlier
+/// request in its Sync segment failed, so PostgreSQL would not have run it): (name, what the
+/// name mapped to before).
+pub type Restore = Vec<(String, Option<Arc<Statement>>)>;
+
+/// A Parse sent to the server: the server name, the Sync segment it went out in, and the
+/// client name it was for (none when the proxy injected it).
+#[derive(Debug)]
+pub struct Sent {
+    /// Client's name, for the client's own Parse.
+    pub client: Option<String>,
+    /// Proxy-wide name.
+    pub name: Arc<str>,
+    /// Sync segment.
+    pub segment: u64,
+}
 
 /// What the proxy answers itself.
 #[derive(Debug)]
@@ -22,6 +40,8 @@ pub enum Synth {
     CloseComplete,
     /// An ERROR in the extended protocol (the client then gets nothing until its Sync).
     Error(PgError),
+    /// An Execute answered by the proxy: CommandComplete with this tag.
+    Tag(&'static str),
     /// A simple query answered by the proxy: CommandComplete with this tag, ReadyForQuery.
     QueryDone(&'static str),
     /// A simple query refused by the proxy: ErrorResponse, ReadyForQuery.
@@ -31,8 +51,9 @@ pub enum Synth {
 /// One owed response.
 #[derive(Debug)]
 pub enum Expect {
-    /// The client's Parse; on failure, undo its mapping (client name, server name).
-    Parse(Option<(String, Arc<str>)>),
+    /// Parse: the client's own unnamed one (`None`), or a named one sent under its proxy-wide
+    /// name (undone if it fails).
+    Parse(Option<Sent>),
     /// Bind.
     Bind,
     /// Describe (statement or portal).
@@ -48,11 +69,11 @@ pub enum Expect {
     /// FunctionCall.
     Function,
     /// A Parse the proxy injected: its ParseComplete is swallowed.
-    InjectedParse(Arc<str>),
+    InjectedParse(Sent),
     /// A Close the proxy injected (evicting a statement): its CloseComplete is swallowed.
     InjectedClose(Arc<str>),
     /// An answer the proxy gives itself, emitted when its turn comes.
-    Synthetic(Synth),
+    Synthetic(Synth, Restore),
 }
 
 impl Expect {
@@ -98,22 +119,43 @@ pub fn on_server_message(
     };
     match (tag, head) {
         (b'E', h) if h.extended() => {
+            // The failed request, and everything the backend now ignores up to Sync: undone
+            // newest first, so mappings come back as they were.
+            let mut gone = Vec::new();
             if let Some((_, f)) = view.expect.pop_front() {
-                undo(view, server, f);
+                gone.push(f);
             }
-            // The backend now ignores everything up to Sync: so do the owed responses.
             while view.head().is_some_and(|e| !matches!(e, Expect::Sync)) {
                 if let Some((_, e)) = view.expect.pop_front() {
-                    undo(view, server, e);
+                    gone.push(e);
                 }
+            }
+            for e in gone.into_iter().rev() {
+                undo(view, server, e);
             }
             Route::Forward
         }
-        (b'1', Expect::InjectedParse(_)) | (b'3', Expect::InjectedClose(_)) => {
+        (b'1', Expect::InjectedParse(_) | Expect::Parse(_)) => {
+            let Some((_, e)) = view.expect.pop_front() else {
+                return Route::Forward;
+            };
+            match e {
+                Expect::InjectedParse(sent) => {
+                    server.prepared.confirm(&sent.name, sent.segment);
+                    Route::Swallow
+                }
+                Expect::Parse(Some(sent)) => {
+                    server.prepared.confirm(&sent.name, sent.segment);
+                    Route::Forward
+                }
+                _ => Route::Forward,
+            }
+        }
+        (b'3', Expect::InjectedClose(_)) => {
             view.expect.pop_front();
             Route::Swallow
         }
-        (b'1', Expect::Parse(_)) | (b'2', Expect::Bind) | (b'3', Expect::Close) => {
+        (b'2', Expect::Bind) | (b'3', Expect::Close) => {
             view.expect.pop_front();
             Route::Forward
         }
@@ -202,28 +244,38 @@ fn on_command_complete(
 /// proxy assumed when it sent the request.
 fn undo(view: &mut SessionView, server: &mut ServerConn, e: Expect) {
     match e {
-        Expect::Parse(Some((client_name, name))) => {
-            server.prepared.remove(&name);
-            if view.statements.get(&client_name).is_some_and(|s| s.name == name) {
-                view.statements.remove(&client_name);
+        Expect::Parse(Some(sent)) | Expect::InjectedParse(sent) => {
+            server.prepared.failed(&sent.name, sent.segment);
+            if let Some(client) = sent.client {
+                if view.statements.get(&client).is_some_and(|s| s.name == sent.name) {
+                    view.statements.remove(&client);
+                }
             }
         }
-        Expect::InjectedParse(name) => server.prepared.remove(&name),
         Expect::InjectedClose(name) => server.prepared.mark_unknown(name),
+        Expect::Synthetic(_, restore) => {
+            for (name, before) in restore.into_iter().rev() {
+                match before {
+                    Some(stmt) => view.statements.insert(name, stmt),
+                    None => view.statements.remove(&name),
+                };
+            }
+        }
         _ => {}
     }
 }
 
 /// Emits the proxy's own answers that are now at the head of the queue.
 pub fn emit_synthetic(view: &mut SessionView, out: &mut BytesMut) {
-    while let Some(Expect::Synthetic(_)) = view.head() {
-        let Some((_, Expect::Synthetic(s))) = view.expect.pop_front() else {
+    while let Some(Expect::Synthetic(..)) = view.head() {
+        let Some((_, Expect::Synthetic(s, _))) = view.expect.pop_front() else {
             break;
         };
         match s {
             Synth::ParseComplete => crate::proto::frame::write_message(out, b'1', |_| {}),
             Synth::CloseComplete => crate::proto::frame::write_message(out, b'3', |_| {}),
             Synth::Error(e) => e.write_error(out),
+            Synth::Tag(tag) => backend::command_complete(out, tag),
             Synth::QueryDone(tag) => {
                 backend::command_complete(out, tag);
                 backend::ready_for_query(out, view.tx_status);

@@ -279,8 +279,7 @@ impl State<'_> {
                 return Ok(false);
             }
             match requests::handle(h, inbuf, self.view, server, &mut self.flags)? {
-                Step::NeedMore => {
-                    let want = h.total_len().min(requests::NAMED_PARSE_LIMIT + HEADER_LEN);
+                Step::NeedMore(want) => {
                     inbuf.reserve(want.saturating_sub(inbuf.len()));
                     break;
                 }

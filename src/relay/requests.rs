@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use bytes::{Buf, BufMut, BytesMut};
 
-use super::expect::{Expect, Synth};
+use super::expect::{Expect, Restore, Sent, Synth};
 use super::view::SessionView;
-use crate::prepared::Statement;
+use crate::prepared::{Presence, Statement};
 use crate::proto::backend::{put_cstr, PgError, Severity};
 use crate::proto::frame::{Header, HEADER_LEN};
 use crate::proto::sql::{classify, SessionCommand};
@@ -19,16 +19,14 @@ use crate::server::ServerConn;
 /// Simple queries and unnamed Parse texts up to this size are checked for session commands;
 /// longer ones cannot be one and stream through.
 const CLASSIFY_LIMIT: usize = 4096;
-/// A named Parse is held whole (to replay it on other connections) up to this size; a larger
-/// one passes through untracked.
-pub const NAMED_PARSE_LIMIT: usize = 1024 * 1024;
 /// Bind/Describe/Execute heads (portal and statement names) are looked for in this many bytes.
 const HEAD_LIMIT: usize = 1024;
 
 /// What became of the message at the front of the buffer.
 pub enum Step {
-    /// More bytes are needed before it can be handled.
-    NeedMore,
+    /// This many bytes of the message must be buffered before it can be handled (at most
+    /// the message itself, which `max_packet_size` bounds).
+    NeedMore(usize),
     /// Handled; `stream` body bytes of it remain to be copied through as they arrive.
     Done {
         /// Bytes still to copy to the server.
@@ -70,17 +68,20 @@ pub fn handle(
                 return Ok(forward(buf, h, server));
             }
             let Some(body) = whole else {
-                return Ok(Step::NeedMore);
+                return Ok(Step::NeedMore(h.total_len()));
             };
             let cmd = if flags.track {
                 classify(&String::from_utf8_lossy(Reader::new(body).cstr("query")?))
             } else {
                 None
             };
-            if let Some(SessionCommand::Deallocate(name)) = &cmd {
-                let synth = deallocate(view, name.as_deref());
+            if let (Some(SessionCommand::Deallocate(name)), true) = (&cmd, server.prepared.enabled()) {
+                let synth = match deallocate(view, name.as_deref()) {
+                    (Ok(tag), restore) => Expect::Synthetic(Synth::QueryDone(tag), restore),
+                    (Err(e), _) => Expect::Synthetic(Synth::QueryError(e), Vec::new()),
+                };
                 buf.advance(h.total_len());
-                view.owe(Expect::Synthetic(synth));
+                view.owe(synth);
                 return Ok(Step::Done { stream: 0 });
             }
             view.owe(Expect::Query(cmd));
@@ -89,6 +90,7 @@ pub fn handle(
         b'S' => {
             flags.skip_to_sync = false;
             flags.unsynced = false;
+            view.syncs += 1;
             if view.copy_in {
                 // The backend ignores Sync in COPY-in mode: nothing is owed for it.
                 view.seq += 1;
@@ -128,7 +130,7 @@ fn extended(
     let track = flags.track && server.prepared.enabled();
     let head_len = h.body_len.min(HEAD_LIMIT);
     let Some(head) = buf.get(HEADER_LEN..HEADER_LEN + head_len) else {
-        return Ok(Step::NeedMore);
+        return Ok(Step::NeedMore(HEADER_LEN + head_len));
     };
     let mut r = Reader::new(head);
     match h.tag {
@@ -137,7 +139,7 @@ fn extended(
             if !named {
                 if h.body_len <= CLASSIFY_LIMIT && flags.track {
                     let Some(body) = buf.get(HEADER_LEN..h.total_len()) else {
-                        return Ok(Step::NeedMore);
+                        return Ok(Step::NeedMore(h.total_len()));
                     };
                     let mut r = Reader::new(body);
                     r.cstr("statement name")?;
@@ -148,12 +150,12 @@ fn extended(
                 view.owe(Expect::Parse(None));
                 return Ok(forward(buf, h, server));
             }
-            if !track || h.body_len > NAMED_PARSE_LIMIT {
+            if !track {
                 view.owe(Expect::Parse(None));
                 return Ok(forward(buf, h, server));
             }
             let Some(body) = buf.get(HEADER_LEN..h.total_len()) else {
-                return Ok(Step::NeedMore);
+                return Ok(Step::NeedMore(h.total_len()));
             };
             let mut r = Reader::new(body);
             let client_name = String::from_utf8_lossy(r.cstr("statement name")?).into_owned();
@@ -174,14 +176,14 @@ fn extended(
             let stmt = Arc::new(Statement::new(query, types, cmd));
             buf.advance(h.total_len());
             view.statements.insert(client_name.clone(), stmt.clone());
-            if server.prepared.touch(&stmt.name) {
-                view.counters.hits += 1;
-                view.owe(Expect::Synthetic(Synth::ParseComplete));
-            } else {
-                view.counters.misses += 1;
-                make_room(view, server, &stmt.name);
-                server.wbuf.extend_from_slice(&stmt.parse);
-                view.owe(Expect::Parse(Some((client_name, stmt.name.clone()))));
+            match prepare_on(view, server, &stmt) {
+                None => view.owe(Expect::Synthetic(Synth::ParseComplete, vec![(client_name, None)])),
+                Some(sent) => {
+                    view.owe(Expect::Parse(Some(Sent {
+                        client: Some(client_name),
+                        ..sent
+                    })));
+                }
             }
             Ok(Step::Done { stream: 0 })
         }
@@ -246,8 +248,11 @@ fn extended(
             if !is_describe {
                 // Closing a statement only drops the client's name: the server keeps the shared
                 // statement for other clients. Closing an unknown name is not an error.
-                view.statements.remove(&client_name);
-                view.owe(Expect::Synthetic(Synth::CloseComplete));
+                let before = view.statements.remove(&client_name);
+                view.owe(Expect::Synthetic(
+                    Synth::CloseComplete,
+                    vec![(client_name, before)],
+                ));
                 return Ok(step);
             }
             let Some(stmt) = view.statements.get(&client_name).cloned() else {
@@ -270,6 +275,18 @@ fn extended(
             } else {
                 None
             };
+            if let (Some(SessionCommand::Deallocate(name)), true) = (&cmd, track) {
+                // DEALLOCATE through the extended protocol: answered from the client's view,
+                // never run against the shared statements on the server.
+                let step = drop_message(buf, h);
+                match deallocate(view, name.as_deref()) {
+                    (Ok(tag), restore) => view.owe(Expect::Synthetic(Synth::Tag(tag), restore)),
+                    (Err(e), _) => {
+                        refuse(view, flags, e);
+                    }
+                }
+                return Ok(step);
+            }
             view.owe(Expect::Execute(cmd));
             Ok(forward(buf, h, server))
         }
@@ -279,23 +296,44 @@ fn extended(
 /// Makes sure the current server has `stmt`, injecting its Parse (whose ParseComplete the
 /// client never sees) when it does not.
 fn ensure_prepared(view: &mut SessionView, server: &mut ServerConn, stmt: &Statement) {
-    if server.prepared.touch(&stmt.name) {
-        view.counters.hits += 1;
-        return;
+    if let Some(sent) = prepare_on(view, server, stmt) {
+        view.owe(Expect::InjectedParse(sent));
+    }
+}
+
+/// Sends `stmt`'s Parse to the server unless it has it; returns what was sent (the caller
+/// queues the response it is owed), `None` for a cache hit.
+fn prepare_on(view: &mut SessionView, server: &mut ServerConn, stmt: &Statement) -> Option<Sent> {
+    let segment = view.syncs;
+    match server.prepared.lookup(&stmt.name, segment) {
+        Presence::Ready => {
+            view.counters.hits += 1;
+            return None;
+        }
+        Presence::Uncertain => {
+            // Its Parse went out in an earlier Sync segment and may have failed: Close (a
+            // no-op if absent) and prepare again, which is right either way.
+            inject_close(view, server, stmt.name.clone());
+            server.prepared.insert(stmt.name.clone(), segment);
+        }
+        Presence::Absent => make_room(view, server, &stmt.name, segment),
     }
     view.counters.misses += 1;
-    make_room(view, server, &stmt.name);
     server.wbuf.extend_from_slice(&stmt.parse);
-    view.owe(Expect::InjectedParse(stmt.name.clone()));
+    Some(Sent {
+        client: None,
+        name: stmt.name.clone(),
+        segment,
+    })
 }
 
 /// Records `name` in the server's cache, closing the statement it evicts (and a stale copy of
 /// `name` itself, if one may linger).
-fn make_room(view: &mut SessionView, server: &mut ServerConn, name: &Arc<str>) {
+fn make_room(view: &mut SessionView, server: &mut ServerConn, name: &Arc<str>, segment: u64) {
     if server.prepared.take_unknown(name) {
         inject_close(view, server, name.clone());
     }
-    if let Some(evicted) = server.prepared.insert(name.clone()) {
+    if let Some(evicted) = server.prepared.insert(name.clone(), segment) {
         view.counters.evictions += 1;
         inject_close(view, server, evicted);
     }
@@ -310,14 +348,17 @@ fn inject_close(view: &mut SessionView, server: &mut ServerConn, name: Arc<str>)
 }
 
 /// `DEALLOCATE` answered from the client's view; shared statements stay on the servers.
-fn deallocate(view: &mut SessionView, name: Option<&str>) -> Synth {
+/// Returns the command tag (or the error PostgreSQL would give) and how to undo it.
+fn deallocate(view: &mut SessionView, name: Option<&str>) -> (Result<&'static str, PgError>, Restore) {
     match name {
         None => {
-            view.statements.clear();
-            Synth::QueryDone("DEALLOCATE ALL")
+            let restore = view.statements.drain().map(|(n, s)| (n, Some(s))).collect();
+            (Ok("DEALLOCATE ALL"), restore)
         }
-        Some(n) if view.statements.remove(n).is_some() => Synth::QueryDone("DEALLOCATE"),
-        Some(n) => Synth::QueryError(missing_statement(n).with_severity(Severity::Error)),
+        Some(n) => match view.statements.remove(n) {
+            Some(s) => (Ok("DEALLOCATE"), vec![(n.to_string(), Some(s))]),
+            None => (Err(missing_statement(n)), Vec::new()),
+        },
     }
 }
 
@@ -331,7 +372,7 @@ fn sqlstate_error(code: &str, message: String) -> PgError {
 
 /// Answers an extended-protocol request with an error and skips to Sync, as the backend would.
 fn refuse(view: &mut SessionView, flags: &mut Flags, err: PgError) -> Step {
-    view.owe(Expect::Synthetic(Synth::Error(err)));
+    view.owe(Expect::Synthetic(Synth::Error(err), Vec::new()));
     flags.skip_to_sync = true;
     Step::Done { stream: 0 }
 }

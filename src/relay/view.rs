@@ -49,6 +49,8 @@ pub struct SessionView {
     pub(super) expect: VecDeque<(u64, Expect)>,
     /// Sequence number of the last client message.
     pub(super) seq: u64,
+    /// Syncs the client has sent: numbers the Sync segments of its pipeline.
+    pub(super) syncs: u64,
     /// Sequence numbers of CopyDone/CopyFail messages not yet matched to a COPY.
     pub(super) copy_ends: VecDeque<u64>,
     /// The backend is in COPY-in mode and the client has not ended it yet: its Syncs are
