@@ -65,16 +65,18 @@ struct Load {
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<(u64, tokio_postgres::Client)>>,
+    messages: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Load {
     async fn start(p: &Proxy, clients: i32) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
+        let messages = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for id in 0..clients {
             let c = support::connect(&url(p)).await;
-            let (stop, acked) = (stop.clone(), acked.clone());
+            let (stop, acked, messages) = (stop.clone(), acked.clone(), messages.clone());
             tasks.push(tokio::spawn(async move {
                 let mut errors = 0;
                 let mut n = 0;
@@ -87,13 +89,23 @@ impl Load {
                         Err(e) => {
                             assert!(!c.is_closed(), "client connection must survive: {e}");
                             errors += 1;
+                            let text = match e.as_db_error() {
+                                Some(d) => format!("client {id}: {} {}", d.code().code(), d.message()),
+                                None => format!("client {id}: {e}"),
+                            };
+                            messages.lock().unwrap().push(text);
                         }
                     }
                 }
                 (errors, c)
             }));
         }
-        Load { stop, acked, tasks }
+        Load {
+            stop,
+            acked,
+            tasks,
+            messages,
+        }
     }
 
     async fn wait_for_acks(&self, more: u64) {
@@ -105,8 +117,11 @@ impl Load {
     }
 
     /// Stops the load; returns (acknowledged, errors per client), after checking that every
-    /// client still works on its same connection.
+    /// client still works on its same connection. The errors' texts go to stderr.
     async fn finish(self) -> (u64, Vec<u64>) {
+        for m in self.messages.lock().unwrap().iter() {
+            eprintln!("{m}");
+        }
         self.stop.store(true, Ordering::Relaxed);
         let mut errors = Vec::new();
         for t in self.tasks {

@@ -19,8 +19,9 @@ use crate::proto::frame::parse_header;
 use crate::relay::{relay, ClientIo, Mode, Outcome, SessionView};
 use crate::settings::Settings;
 
-/// Fresh server connections tried when one dies before any client byte reached it.
-const CHECKOUT_ATTEMPTS: usize = 3;
+/// A backstop on replacing server connections that die before any client byte reached them
+/// (the client's deadline is the real bound).
+const MAX_TRANSPARENT_RETRIES: usize = 1000;
 /// Bound on the session-mode reset query.
 const RESET_LIMIT: Duration = Duration::from_secs(10);
 
@@ -91,9 +92,8 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
                 client_skip,
                 unsynced,
             } => {
-                server.discard();
-                s.pool.server_failed(error_sent.as_ref());
-                tracing::warn!(pool = %s.pool.key, error = ?error_sent.as_ref().map(ToString::to_string), "server connection lost while serving a client");
+                server.failed(error_sent.as_ref());
+                tracing::warn!(pool = %s.pool.key, pending, unsynced, error = ?error_sent.as_ref().map(ToString::to_string), "server connection lost while serving a client");
                 if mode == Mode::Session {
                     if error_sent.is_none() {
                         ClientError::ServerLost
@@ -136,7 +136,8 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Checks out a server connection and brings it to the client's settings. A connection that
-/// dies before any client byte was written to it is replaced transparently.
+/// dies before any client byte was written to it is replaced transparently, as often as needed
+/// within the client's deadline (in a restart every idle connection dies at once).
 async fn checkout(
     pool: &Arc<Pool>,
     settings: &Settings,
@@ -152,14 +153,14 @@ async fn checkout(
                 server.release();
                 return Err(ClientError::Setting(err));
             }
-            Err(e) if attempts < CHECKOUT_ATTEMPTS => {
+            Err(e) => {
+                server.failed(None);
+                let expired = deadline.is_some_and(|d| Instant::now() >= d);
+                if expired || attempts >= MAX_TRANSPARENT_RETRIES {
+                    return Err(ClientError::ServerLost);
+                }
                 PoolStats::bump(&pool.stats.transparent_retries);
-                tracing::debug!(pool = %pool.key, error = %e, "server failed while applying settings; retrying");
-                server.discard();
-            }
-            Err(_) => {
-                server.discard();
-                return Err(ClientError::ServerLost);
+                tracing::debug!(pool = %pool.key, error = %e, "server failed before the request reached it; retrying");
             }
         }
     }

@@ -54,6 +54,10 @@ impl Pool {
     pub async fn checkout(self: &Arc<Self>, deadline: Option<Instant>) -> Result<Pooled, CheckoutError> {
         PoolStats::bump(&self.stats.checkouts);
         let started = Instant::now();
+        if self.health.verifying() {
+            let limit = self.connect_timeout.unwrap_or(std::time::Duration::from_secs(5));
+            self.health.wait_verified(limit, deadline).await;
+        }
         loop {
             let step = {
                 let mut st = lock(&self.state);
@@ -112,15 +116,22 @@ impl Pool {
     /// idleness — answering a round trip. A dead one is closed and `None` returned: the caller
     /// takes another, and the client never notices.
     async fn vet(self: &Arc<Self>, mut c: ServerConn) -> Option<ServerConn> {
+        if self.health.verifying() {
+            // Another connection just failed: learn whether the backend is going away (then
+            // this one is retired below) before handing this one out.
+            let limit = self.connect_timeout.unwrap_or(std::time::Duration::from_secs(5));
+            self.health.wait_verified(limit, None).await;
+        }
         let alive = c.generation == self.health.generation() && c.rbuf.is_empty() && c.stream.is_quiet();
-        let alive = alive
-            && match self.check_delay {
-                Some(d) if c.last_used.elapsed() >= d => matches!(c.simple_query("").await, Ok(None)),
-                _ => true,
-            };
+        let suspicion = self.suspicion();
+        let must_answer =
+            c.checked_at < suspicion || self.check_delay.is_some_and(|d| c.last_used.elapsed() >= d);
+        let alive = alive && (!must_answer || matches!(c.simple_query("").await, Ok(None)));
         if alive {
+            c.checked_at = suspicion;
             return Some(c);
         }
+        self.suspect_idle();
         tracing::debug!(pool = %self.key, server = c.id, "idle server connection is dead or retired; replacing it");
         PoolStats::bump(&self.stats.dead_on_checkout);
         self.close(c);
@@ -200,14 +211,23 @@ impl Pool {
 
     /// Connects, logs in and learns the backend's identity; a changed identity (or a backend
     /// that was down) retires every older connection.
-    async fn login(self: &Arc<Self>) -> Result<ServerConn, ServerError> {
+    pub(super) async fn login(self: &Arc<Self>) -> Result<ServerConn, ServerError> {
+        let suspicion = self.suspicion();
         let mut conn = server::connect(&self.target, &self.credentials(), self.connect_timeout).await?;
         let identity = conn.query_text(IDENTITY_QUERY).await?;
+        if self.suspicion() != suspicion {
+            // Another connection died while this one logged in (a restart signals every
+            // backend at once): prove this one survived before a client uses it.
+            if let Some(err) = conn.simple_query("").await? {
+                return Err(ServerError::Fatal(err));
+            }
+        }
         if self.health.login_succeeded(identity) {
             tracing::info!(pool = %self.key, "backend available again");
             self.close_idle();
         }
         conn.generation = self.health.generation();
+        conn.checked_at = suspicion;
         PoolStats::bump(&self.stats.server_logins);
         *lock(&self.params) = Some(conn.login_params.clone());
         tracing::debug!(pool = %self.key, server = conn.id, "server connection opened");

@@ -62,6 +62,14 @@ impl Pooled {
         self.pool.checkin(conn);
     }
 
+    /// The connection failed while serving a client (`err`: what the backend said, if
+    /// anything). Its slot is used at once for a fresh login that tells whether the backend
+    /// itself is going away (a restart) or only this connection was (pg_terminate_backend).
+    pub fn failed(mut self, err: Option<&crate::proto::backend::PgError>) {
+        let Some(conn) = self.conn.take() else { return };
+        self.pool.replace_failed(conn, err);
+    }
+
     /// Closes the connection (state unknown or broken).
     pub fn discard(mut self) {
         if let Some(conn) = self.conn.take() {

@@ -74,6 +74,11 @@ struct State {
 #[derive(Debug)]
 pub struct Health {
     state: Mutex<State>,
+    /// Verifications in progress: a server connection was lost and a fresh login tells
+    /// whether it was that connection alone or the whole backend going away.
+    verifying: std::sync::atomic::AtomicU32,
+    /// Woken when a verification ends.
+    verified: tokio::sync::Notify,
     /// Held by the one task probing a down backend.
     pub probe: tokio::sync::Mutex<()>,
 }
@@ -89,11 +94,44 @@ impl Default for Health {
                 identity: None,
             }),
             probe: tokio::sync::Mutex::new(()),
+            verifying: std::sync::atomic::AtomicU32::new(0),
+            verified: tokio::sync::Notify::new(),
         }
     }
 }
 
 impl Health {
+    /// A verification starts.
+    pub fn begin_verify(&self) {
+        self.verifying.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// A verification ended.
+    pub fn end_verify(&self) {
+        self.verifying.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.verified.notify_waiters();
+    }
+
+    /// Waits (at most `limit`, at most until `deadline`) while a verification is in progress,
+    /// so no idle connection of a backend that may be going away is handed out meanwhile.
+    pub async fn wait_verified(&self, limit: Duration, deadline: Option<Instant>) {
+        let until = deadline.map_or(Instant::now() + limit, |d| d.min(Instant::now() + limit));
+        loop {
+            let notified = self.verified.notified();
+            if self.verifying.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Whether a verification is in progress (cheap check on every checkout).
+    pub fn verifying(&self) -> bool {
+        self.verifying.load(std::sync::atomic::Ordering::Acquire) > 0
+    }
+
     /// The current outage, if the backend is down.
     pub fn outage(&self) -> Option<Outage> {
         lock(&self.state).outage.clone()

@@ -54,6 +54,9 @@ pub struct Pool {
     check_delay: Option<Duration>,
     /// The backend's availability.
     pub health: health::Health,
+    /// Bumped whenever a server connection is lost: idle connections verified before it are
+    /// checked with a round trip before their next handout (one loss often means more).
+    suspicion: std::sync::atomic::AtomicU64,
     /// Woken when a connection comes back or closes while the pool is paused.
     released: tokio::sync::Notify,
     /// Bound on waiting for a server connection.
@@ -104,6 +107,7 @@ impl Pool {
             check_delay: config.server_check_delay,
             health: health::Health::default(),
             released: tokio::sync::Notify::new(),
+            suspicion: std::sync::atomic::AtomicU64::new(0),
             reset_query: config.server_reset_query.clone(),
             stats: PoolStats::default(),
             params: Mutex::new(None),
@@ -198,10 +202,55 @@ impl Pool {
     /// anything). A crash (57P02) takes every backend process down: retire them all. Anything
     /// else retires only that connection (an operator's pg_terminate_backend hits one).
     pub fn server_failed(&self, err: Option<&PgError>) {
+        self.suspect_idle();
         if err.is_some_and(|e| e.code() == "57P02") {
             PoolStats::bump(&self.stats.restarts_detected);
             self.reconnect();
         }
+    }
+
+    /// A checked-out connection failed: close it and, in its slot, verify the backend with a
+    /// fresh login. Until that verdict, checkouts wait (briefly) instead of taking idle
+    /// connections that may be dying too. A transient failure marks the backend down and
+    /// retires every older connection; a success puts the new connection in the pool.
+    fn replace_failed(self: &Arc<Self>, mut conn: ServerConn, err: Option<&PgError>) {
+        conn.terminate_nowait();
+        drop(conn);
+        PoolStats::bump(&self.stats.servers_closed);
+        self.server_failed(err);
+        self.health.begin_verify();
+        // The dead connection's slot now counts as a connection being opened.
+        lock(&self.state).reopening();
+        let pool = self.clone();
+        tokio::spawn(async move {
+            match pool.login().await {
+                Ok(conn) => {
+                    lock(&pool.state).connected();
+                    pool.checkin(conn);
+                }
+                Err(e) => {
+                    PoolStats::bump(&pool.stats.server_login_failures);
+                    if health::is_transient(&e) && pool.health.login_failed(&e) {
+                        PoolStats::bump(&pool.stats.restarts_detected);
+                        tracing::warn!(pool = %pool.key, error = %e, "backend unavailable; holding clients and probing with backoff");
+                        pool.close_idle();
+                    }
+                    lock(&pool.state).slot_freed(true);
+                }
+            }
+            pool.health.end_verify();
+        });
+    }
+
+    /// Makes every idle connection prove itself with a round trip before its next handout:
+    /// a restart kills all backends within milliseconds, faster than their FATALs arrive.
+    fn suspect_idle(&self) {
+        self.suspicion.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The current suspicion level, recorded by connections that passed a check.
+    fn suspicion(&self) -> u64 {
+        self.suspicion.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Closes a connection and frees its slot for the next waiter.

@@ -100,6 +100,11 @@ impl<T> PoolState<T> {
         self.waiters.len() != before
     }
 
+    /// A connection's slot is reused to open a replacement.
+    pub fn reopening(&mut self) {
+        self.connecting += 1;
+    }
+
     /// A connection being opened is now logged in (its slot stays taken).
     pub fn connected(&mut self) {
         self.connecting = self.connecting.saturating_sub(1);

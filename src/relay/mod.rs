@@ -183,8 +183,10 @@ impl State<'_> {
         server: &mut ServerConn,
     ) -> Poll<Outcome> {
         loop {
-            // Frame what was read: client → server buffer, server → client buffer.
-            if !client.inbuf.is_empty() {
+            // Frame what was read: client → server buffer, server → client buffer. After a
+            // FATAL the backend reads nothing more: the client's next requests stay buffered
+            // for a healthy connection instead of being sent to a dying one.
+            if !client.inbuf.is_empty() && self.fatal.is_none() {
                 match self.scan_client(client, server) {
                     Ok(true) => {}
                     Ok(false) => return self.client_gone(server),
@@ -203,7 +205,7 @@ impl State<'_> {
             }
             let mut progress = false;
             // Flush towards the server.
-            while !server.wbuf.is_empty() {
+            while !server.wbuf.is_empty() && self.fatal.is_none() {
                 match Pin::new(&mut server.stream).poll_write(cx, &server.wbuf) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return self.server_gone(),
                     Poll::Ready(Ok(n)) => {
@@ -228,7 +230,7 @@ impl State<'_> {
                 }
             }
             // Read more, unless the other side is not keeping up (backpressure).
-            if server.wbuf.len() < HIGH_WATER {
+            if server.wbuf.len() < HIGH_WATER && self.fatal.is_none() {
                 reserve_read(&mut client.inbuf);
                 match poll_read_buf(Pin::new(&mut client.stream), cx, &mut client.inbuf) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return self.client_gone(server),

@@ -100,6 +100,9 @@ pub struct ServerConn {
     /// The pool's backend generation it belongs to: connections from before a backend
     /// failure are retired instead of reused.
     pub generation: u64,
+    /// The pool's suspicion level when this connection last proved alive (see
+    /// `Pool::suspect_idle`).
+    pub checked_at: u64,
     /// Cancels forwarded to this connection's backend process.
     pub cancel_gate: Arc<CancelGate>,
 }

@@ -112,6 +112,7 @@ async fn connect_unbounded(
         created: Instant::now(),
         last_used: Instant::now(),
         generation: 0,
+        checked_at: 0,
         cancel_gate: Arc::new(CancelGate::default()),
     };
     login::login(&mut conn, target, creds).await?;
