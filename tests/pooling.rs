@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::raw::{self, Raw};
-use support::{cluster, connect, eventually, sqlstate, start_proxy, TestDb};
+use support::{cluster, connect, direct, eventually, sqlstate, start_proxy, TestDb};
 use tokio_postgres::SimpleQueryMessage;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -22,18 +22,6 @@ fn first_value(msgs: &[SimpleQueryMessage]) -> Option<String> {
     })
 }
 
-/// A superuser connection straight to the backend, for observing it.
-async fn direct() -> tokio_postgres::Client {
-    let c = cluster();
-    connect(&format!(
-        "host={} port={} user={} password={} dbname=postgres",
-        c.host(),
-        c.port(),
-        c.superuser(),
-        c.superuser_password()
-    ))
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_clients_share_five_server_connections() {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use pgsluice::app::Proxy;
 use pgsluice::pool::PoolStats;
 use support::raw::{self, Msg, Raw};
-use support::{cluster, connect, start_proxy, TestDb};
+use support::{connect, direct, start_proxy, TestDb};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -189,18 +189,6 @@ fn stat(proxy: &Proxy, f: impl Fn(&PoolStats) -> &AtomicU64) -> u64 {
     PoolStats::get(f(&proxy.pools().all()[0].stats))
 }
 
-/// A superuser connection straight to the backend.
-async fn direct() -> tokio_postgres::Client {
-    let c = cluster();
-    connect(&format!(
-        "host={} port={} user={} password={} dbname=postgres",
-        c.host(),
-        c.port(),
-        c.superuser(),
-        c.superuser_password()
-    ))
-    .await
-}
 
 /// The backend pid of the server connection that serves `r`'s next transaction (pool of 1).
 async fn server_pid(r: &mut Raw) -> i32 {

@@ -118,6 +118,19 @@ impl TestDb {
     }
 }
 
+/// A superuser connection straight to the shared cluster, for observing the backend.
+pub async fn direct() -> tokio_postgres::Client {
+    let c = cluster();
+    connect(&format!(
+        "host={} port={} user={} password={} dbname=postgres",
+        c.host(),
+        c.port(),
+        c.superuser(),
+        c.superuser_password()
+    ))
+    .await
+}
+
 /// Starts pgsluice in-process with a config text. Set `PGSLUICE_TEST_LOG=debug` to see its log.
 pub async fn start_proxy(toml: &str) -> Proxy {
     if let Ok(filter) = std::env::var("PGSLUICE_TEST_LOG") {
