@@ -22,7 +22,6 @@ fn first_value(msgs: &[SimpleQueryMessage]) -> Option<String> {
     })
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_clients_share_five_server_connections() {
     let db = TestDb::new("pool_load");
@@ -268,6 +267,50 @@ async fn idle_server_connection_killed_by_the_backend_is_replaced_transparently(
     let new_pid = first_value(&c.simple_query("select pg_backend_pid()").await.unwrap()).unwrap();
     assert_ne!(pid, new_pid);
     assert_eq!(pgsluice::pool::PoolStats::get(&pool.stats.dead_on_checkout), 1);
+    assert_eq!(
+        pgsluice::pool::PoolStats::get(&pool.stats.restarts_detected),
+        0,
+        "one backend, not a restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_lost_with_its_server_connection_ends_only_with_rollback() {
+    let db = TestDb::new("pool_lostblock");
+    let proxy = start_proxy(&db.config("default_pool_size = 2", "auth = \"trust\"")).await;
+    let c = connect(&db.url(&proxy)).await;
+    c.simple_query("create table t (v int)").await.unwrap();
+    c.simple_query("begin").await.unwrap();
+    c.simple_query("insert into t values (1)").await.unwrap();
+    let pid = first_value(&c.simple_query("select pg_backend_pid()").await.unwrap()).unwrap();
+    let d = direct().await;
+    d.simple_query(&format!("select pg_terminate_backend({pid})"))
+        .await
+        .unwrap();
+    let gone = format!("select count(*) from pg_stat_activity where pid = {pid}");
+    assert!(eventually(LIMIT, || cluster().psql("postgres", &gone).unwrap() == "0").await);
+    // The backend's own error, as an ERROR: the client stays connected.
+    let err = c.simple_query("insert into t values (2)").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err}");
+    assert!(!c.is_closed());
+    // Until the client ends the block, nothing runs (no accidental autocommit).
+    let err = c.simple_query("insert into t values (3)").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("25P02"));
+    let r = c.simple_query("rollback").await.unwrap();
+    assert!(r
+        .iter()
+        .any(|m| matches!(m, SimpleQueryMessage::CommandComplete(_))));
+    c.simple_query("insert into t values (4)").await.unwrap();
+    let r = c
+        .simple_query("select coalesce(string_agg(v::text, ','), '') from t")
+        .await
+        .unwrap();
+    assert_eq!(
+        first_value(&r).as_deref(),
+        Some("4"),
+        "only the row after the block"
+    );
+    let pool = proxy.pools().all()[0].clone();
     assert_eq!(
         pgsluice::pool::PoolStats::get(&pool.stats.restarts_detected),
         0,

@@ -189,7 +189,6 @@ fn stat(proxy: &Proxy, f: impl Fn(&PoolStats) -> &AtomicU64) -> u64 {
     PoolStats::get(f(&proxy.pools().all()[0].stats))
 }
 
-
 /// The backend pid of the server connection that serves `r`'s next transaction (pool of 1).
 async fn server_pid(r: &mut Raw) -> i32 {
     let seg = simple(r, "select pg_backend_pid()").await;

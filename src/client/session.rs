@@ -87,6 +87,7 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
             }
             Outcome::ServerGone {
                 error_sent,
+                undelivered,
                 pending,
                 tx_status,
                 client_skip,
@@ -110,12 +111,24 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
                     b'I'
                 };
                 s.view.server_lost(status);
-                let mut owed = pending;
-                if error_sent.is_none() {
-                    ClientError::ServerLost
-                        .to_pg_error(Severity::Error)
-                        .write_error(&mut io.out);
+                // What the client has not been told yet.
+                let untold = match error_sent {
+                    Some(_) if !undelivered => None,
+                    Some(e) => Some(e.with_severity(Severity::Error)),
+                    None => Some(ClientError::ServerLost.to_pg_error(Severity::Error)),
+                };
+                if pending == 0 && !unsynced {
+                    // Nothing was pending (the client sat idle in its block): an error now would
+                    // be unsolicited. Its next request gets it.
+                    if status == b'E' {
+                        s.view.lost_error = untold;
+                    }
+                    continue;
                 }
+                if let Some(e) = untold {
+                    e.write_error(&mut io.out);
+                }
+                let mut owed = pending;
                 if owed > 0 {
                     backend::ready_for_query(&mut io.out, status);
                     owed -= 1;
@@ -199,9 +212,12 @@ async fn answer_lost_block<C: AsyncRead + AsyncWrite + Unpin>(
         backend::ready_for_query(&mut io.out, b'I');
         return io.flush().await;
     }
-    aborted_error()
-        .to_pg_error(Severity::Error)
-        .write_error(&mut io.out);
+    match view.lost_error.take() {
+        Some(e) => e.write_error(&mut io.out),
+        None => aborted_error()
+            .to_pg_error(Severity::Error)
+            .write_error(&mut io.out),
+    }
     match tag {
         b'Q' | b'F' | b'S' => {
             backend::ready_for_query(&mut io.out, b'E');

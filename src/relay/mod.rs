@@ -63,9 +63,12 @@ pub enum Outcome {
     },
     /// The server connection failed.
     ServerGone {
-        /// The backend's FATAL, already forwarded to the client (lowered to ERROR in
-        /// transaction mode); `None` if the client got nothing.
+        /// The backend's FATAL (forwarded to the client unless `undelivered`; lowered to ERROR
+        /// in transaction mode); `None` if the backend said nothing.
         error_sent: Option<PgError>,
+        /// The FATAL came while no request was pending, so it was kept for the client's next
+        /// request instead of being sent unsolicited.
+        undelivered: bool,
         /// Client requests (Query/Sync/FunctionCall) still waiting for ReadyForQuery.
         pending: u32,
         /// The last transaction status the client saw ('I', 'T', 'E').
@@ -115,6 +118,7 @@ where
         s_skip: 0,
         handled: false,
         fatal: None,
+        undelivered: false,
         view,
     };
     poll_fn(|cx| st.poll(cx, client, server)).await
@@ -131,6 +135,8 @@ struct State<'v> {
     /// Whether any client request was handled in this relay.
     handled: bool,
     fatal: Option<PgError>,
+    /// The FATAL was kept back (no request pending).
+    undelivered: bool,
     view: &'v mut SessionView,
 }
 
@@ -163,6 +169,7 @@ impl State<'_> {
         self.view.clear_owed();
         Poll::Ready(Outcome::ServerGone {
             error_sent: self.fatal.take(),
+            undelivered: self.undelivered,
             pending: u32::try_from(pending).unwrap_or(u32::MAX),
             tx_status: self.view.tx_status,
             client_skip: self.c_skip,
@@ -361,13 +368,18 @@ impl State<'_> {
                 (b'E', Some(b)) => {
                     let err = PgError::parse(b)?;
                     if err.is_fatal() {
-                        if self.mode == Mode::Transaction {
+                        if self.mode == Mode::Session {
+                            client.out.extend_from_slice(&server.rbuf[..h.total_len()]);
+                        } else if self.view.expect.is_empty() {
+                            // Nothing is pending: an ErrorResponse now would be unsolicited
+                            // (drivers drop the connection). The session answers the client's
+                            // next request with it instead.
+                            self.undelivered = true;
+                        } else {
                             // The client's connection outlives this server connection.
                             err.clone()
                                 .with_severity(Severity::Error)
                                 .write_error(&mut client.out);
-                        } else {
-                            client.out.extend_from_slice(&server.rbuf[..h.total_len()]);
                         }
                         server.rbuf.advance(h.total_len());
                         self.fatal = Some(err);

@@ -37,6 +37,9 @@ pub struct SessionView {
     /// The client's transaction block was lost with its server connection: it is told 'E'
     /// until it ends the block, which the proxy answers itself.
     pub lost_block: bool,
+    /// The backend's error that ended the block, not yet told to the client: the answer to
+    /// its next request.
+    pub lost_error: Option<crate::proto::backend::PgError>,
     /// Session commands run inside the open transaction block: they take effect at COMMIT.
     pub(super) in_block: Vec<SessionCommand>,
     /// Whether a transaction block is open (from BEGIN/COMMIT/ROLLBACK tags and ReadyForQuery).
@@ -75,6 +78,7 @@ impl SessionView {
     /// The client ended a block the proxy answered for (after its server connection was lost).
     pub fn block_ended(&mut self) {
         self.lost_block = false;
+        self.lost_error = None;
         self.tx_status = b'I';
     }
 
