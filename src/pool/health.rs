@@ -66,7 +66,6 @@ struct State {
     outage: Option<Outage>,
     backoff: Duration,
     next_probe: Instant,
-    generation: u64,
     identity: Option<String>,
 }
 
@@ -74,6 +73,8 @@ struct State {
 #[derive(Debug)]
 pub struct Health {
     state: Mutex<State>,
+    /// Read on every checkout and release, so it lives outside the lock; bumped under it.
+    generation: std::sync::atomic::AtomicU64,
     /// Verifications in progress: a server connection was lost and a fresh login tells
     /// whether it was that connection alone or the whole backend going away.
     verifying: std::sync::atomic::AtomicU32,
@@ -90,9 +91,9 @@ impl Default for Health {
                 outage: None,
                 backoff: BACKOFF_START,
                 next_probe: Instant::now(),
-                generation: 0,
                 identity: None,
             }),
+            generation: std::sync::atomic::AtomicU64::new(0),
             probe: tokio::sync::Mutex::new(()),
             verifying: std::sync::atomic::AtomicU32::new(0),
             verified: tokio::sync::Notify::new(),
@@ -139,7 +140,11 @@ impl Health {
 
     /// The generation new connections belong to.
     pub fn generation(&self) -> u64 {
-        lock(&self.state).generation
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn next_generation(&self) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// A login failed transiently. Returns true when this marks the backend down (it was up):
@@ -149,7 +154,7 @@ impl Health {
         let now = Instant::now();
         let newly_down = st.outage.is_none();
         if newly_down {
-            st.generation += 1;
+            self.next_generation();
             st.backoff = BACKOFF_START;
         } else {
             st.backoff = (st.backoff * 2).min(BACKOFF_CAP);
@@ -166,7 +171,7 @@ impl Health {
 
     /// A crash (57P02) or an operator's reconnect: retire every existing connection.
     pub fn retire_all(&self) {
-        lock(&self.state).generation += 1;
+        self.next_generation();
     }
 
     /// When the next probe of a down backend may start.
@@ -189,7 +194,7 @@ impl Health {
             st.identity = identity;
         }
         if restarted && !was_down {
-            st.generation += 1;
+            self.next_generation();
         }
         was_down || restarted
     }

@@ -30,10 +30,21 @@ pub enum SessionCommand {
 /// `SET LOCAL`, `SET TRANSACTION`, `SET CONSTRAINTS`, `SET SESSION CHARACTERISTICS`,
 /// `SET ROLE`, `SET SESSION AUTHORIZATION`: those are left alone).
 pub fn classify(sql: &str) -> Option<SessionCommand> {
+    let (first, _) = split_word(skip_comments(sql)?);
+    if !["set", "reset", "discard", "deallocate"]
+        .iter()
+        .any(|k| first.eq_ignore_ascii_case(k))
+    {
+        return None;
+    }
     let stmt = single_statement(sql)?;
     let mut w = Words::new(stmt);
+    // Most statements are none of these: decided from the first word, without allocating.
     let first = w.keyword()?;
-    match first.as_str() {
+    let first = ["set", "reset", "discard", "deallocate"]
+        .into_iter()
+        .find(|k| first.eq_ignore_ascii_case(k))?;
+    match first {
         "set" => {
             let mut name = w.ident()?;
             if name == "session" {
@@ -86,7 +97,8 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
         }
         "discard" => {
             let what = w.keyword()?;
-            (what == "all" && w.rest().trim().is_empty()).then_some(SessionCommand::DiscardAll)
+            (what.eq_ignore_ascii_case("all") && w.rest().trim().is_empty())
+                .then_some(SessionCommand::DiscardAll)
         }
         "deallocate" => {
             let mut name = w.ident_quoted()?;
@@ -106,6 +118,15 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
 /// The statement without leading comments/whitespace and one trailing `;`; `None` if another
 /// statement follows (a `;` outside quotes before the end).
 fn single_statement(sql: &str) -> Option<&str> {
+    let s = skip_comments(sql)?;
+    let end = statement_end(s);
+    let (stmt, tail) = s.split_at(end);
+    let tail = tail.strip_prefix(';').unwrap_or(tail);
+    tail.trim().is_empty().then_some(stmt.trim_end())
+}
+
+/// The text after leading whitespace and comments; `None` for an unterminated `/*`.
+fn skip_comments(sql: &str) -> Option<&str> {
     let mut s = sql.trim_start();
     loop {
         if let Some(rest) = s.strip_prefix("--") {
@@ -113,13 +134,9 @@ fn single_statement(sql: &str) -> Option<&str> {
         } else if let Some(rest) = s.strip_prefix("/*") {
             s = rest.split_once("*/")?.1.trim_start();
         } else {
-            break;
+            return Some(s);
         }
     }
-    let end = statement_end(s);
-    let (stmt, tail) = s.split_at(end);
-    let tail = tail.strip_prefix(';').unwrap_or(tail);
-    tail.trim().is_empty().then_some(stmt.trim_end())
 }
 
 /// Index of the first `;` outside quotes, or the length.
@@ -154,10 +171,11 @@ impl<'a> Words<'a> {
     }
 
     /// An unquoted word, lowercased.
-    fn keyword(&mut self) -> Option<String> {
+    /// An unquoted word, as written (compare it case-insensitively).
+    fn keyword(&mut self) -> Option<&'a str> {
         let (w, rest) = split_word(self.rest);
         self.rest = rest;
-        (!w.is_empty()).then(|| w.to_ascii_lowercase())
+        (!w.is_empty()).then_some(w)
     }
 
     /// An identifier: unquoted (lowercased, dots allowed for `ext.setting`) or "quoted".

@@ -97,6 +97,43 @@ impl Expect {
     }
 }
 
+/// The CommandComplete tags that change what the proxy tracks; read without copying the tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tag {
+    /// BEGIN / START TRANSACTION.
+    Begin,
+    /// COMMIT.
+    Commit,
+    /// ROLLBACK (also what COMMIT of a failed block answers).
+    Rollback,
+    /// DISCARD ALL.
+    DiscardAll,
+    /// DEALLOCATE ALL.
+    DeallocateAll,
+    /// SET.
+    Set,
+    /// RESET.
+    Reset,
+    /// Anything else.
+    Other,
+}
+
+impl Tag {
+    /// Classifies a CommandComplete tag.
+    pub fn of(tag: &[u8]) -> Tag {
+        match tag {
+            b"BEGIN" | b"START TRANSACTION" => Tag::Begin,
+            b"COMMIT" => Tag::Commit,
+            b"ROLLBACK" => Tag::Rollback,
+            b"DISCARD ALL" => Tag::DiscardAll,
+            b"DEALLOCATE ALL" => Tag::DeallocateAll,
+            b"SET" => Tag::Set,
+            b"RESET" => Tag::Reset,
+            _ => Tag::Other,
+        }
+    }
+}
+
 /// What to do with one server message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
@@ -112,7 +149,7 @@ pub fn on_server_message(
     view: &mut SessionView,
     server: &mut ServerConn,
     tag: u8,
-    command_tag: Option<&str>,
+    command_tag: Option<Tag>,
 ) -> Route {
     let Some(head) = view.head() else {
         return Route::Forward;
@@ -173,7 +210,7 @@ pub fn on_server_message(
                 Some(Expect::Query(cmd)) => cmd.take(),
                 _ => None,
             };
-            on_command_complete(view, server, command_tag.unwrap_or(""), cmd);
+            on_command_complete(view, server, command_tag.unwrap_or(Tag::Other), cmd);
             Route::Forward
         }
         (b'I' | b's', Expect::Execute(_)) => {
@@ -209,30 +246,30 @@ pub fn on_ready(view: &mut SessionView, status: u8) -> bool {
 fn on_command_complete(
     view: &mut SessionView,
     server: &mut ServerConn,
-    tag: &str,
+    tag: Tag,
     cmd: Option<SessionCommand>,
 ) {
     match tag {
-        "BEGIN" | "START TRANSACTION" => view.block_open = true,
-        "COMMIT" => view.committed(server),
-        "ROLLBACK" => view.rolled_back(),
-        "DISCARD ALL" | "DEALLOCATE ALL" => {
+        Tag::Begin => view.block_open = true,
+        Tag::Commit => view.committed(server),
+        Tag::Rollback => view.rolled_back(),
+        Tag::DiscardAll | Tag::DeallocateAll => {
             server.prepared.clear();
-            if tag == "DISCARD ALL" {
+            if tag == Tag::DiscardAll {
                 // Whoever sent it, the server's state is back to its login state.
                 server.applied.clear();
                 server.stale.clear();
             }
         }
-        _ => {}
+        Tag::Set | Tag::Reset | Tag::Other => {}
     }
     if let Some(cmd) = cmd {
         let ok = matches!(
             (&cmd, tag),
             (
                 SessionCommand::Set { .. } | SessionCommand::Reset { .. } | SessionCommand::ResetAll,
-                "SET" | "RESET"
-            ) | (SessionCommand::DiscardAll, "DISCARD ALL")
+                Tag::Set | Tag::Reset
+            ) | (SessionCommand::DiscardAll, Tag::DiscardAll)
         );
         if ok {
             view.completed(server, cmd);

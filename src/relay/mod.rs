@@ -388,8 +388,8 @@ impl State<'_> {
                     expect::on_server_message(self.view, server, b'E', None)
                 }
                 (b'C', Some(b)) => {
-                    let tag = String::from_utf8_lossy(Reader::new(b).cstr("command tag")?).into_owned();
-                    expect::on_server_message(self.view, server, b'C', Some(&tag))
+                    let tag = expect::Tag::of(Reader::new(b).cstr("command tag")?);
+                    expect::on_server_message(self.view, server, b'C', Some(tag))
                 }
                 (tag, _) => expect::on_server_message(self.view, server, tag, None),
             };
