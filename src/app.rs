@@ -68,8 +68,13 @@ impl Proxy {
     /// wait timeout, then all server connections are closed. Returns when that is done.
     pub async fn pause_all(&self) {
         let pools = self.pools.all();
-        let pauses = pools.iter().map(|p| p.pause());
-        futures_join_all(pauses).await;
+        // Every pool stops handing out connections first; then each drains.
+        for p in &pools {
+            p.begin_pause();
+        }
+        for p in &pools {
+            p.pause().await;
+        }
     }
 
     /// Resumes every pool (SIGUSR2).
@@ -94,12 +99,5 @@ impl Proxy {
         for pool in self.pools.all() {
             pool.close_idle();
         }
-    }
-}
-
-/// Awaits all futures (few: one per pool), without pulling in a futures crate.
-async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
-    for f in futs {
-        f.await;
     }
 }

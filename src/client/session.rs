@@ -14,7 +14,7 @@ use super::io::Gone;
 use super::ClientError;
 use crate::config::PoolMode;
 use crate::pool::{Pool, PoolStats, Pooled};
-use crate::proto::backend::{self, Severity};
+use crate::proto::backend::{self, PgError, Severity};
 use crate::proto::frame::parse_header;
 use crate::relay::{relay, ClientIo, Mode, Outcome, SessionView};
 use crate::settings::Settings;
@@ -62,7 +62,7 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
             Ok(server) => server,
             Err(e) => {
                 tracing::info!(pool = %s.pool.key, error = %e, "request failed before reaching a server");
-                fail_request(io, &e).await?;
+                fail_request(io, &e.to_pg_error(Severity::Error), b'I').await?;
                 continue;
             }
         };
@@ -189,9 +189,12 @@ async fn answer_lost_block<C: AsyncRead + AsyncWrite + Unpin>(
     let (tag, body) = match io.read_message(io.max_body.min(64 * 1024)).await? {
         Ok(m) => m,
         Err(_) => {
-            // Too large to be a transaction-control statement: refuse it like any other.
-            let aborted = aborted_error();
-            return fail_request(io, &aborted).await;
+            // Too large to be a transaction-control statement: refused like any other request.
+            let e = view
+                .lost_error
+                .take()
+                .unwrap_or_else(|| aborted_error().to_pg_error(Severity::Error));
+            return fail_request(io, &e, b'E').await;
         }
     };
     let ends_block = tag == b'Q' && {
@@ -272,20 +275,21 @@ async fn finish_server(mut server: Pooled, clean: bool, mode: Mode) {
 /// ReadyForQuery.
 async fn fail_request<C: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<C>,
-    e: &ClientError,
+    e: &PgError,
+    status: u8,
 ) -> Result<(), Gone> {
-    e.to_pg_error(Severity::Error).write_error(&mut io.out);
+    e.write_error(&mut io.out);
     let tag = match parse_header(&io.inbuf, io.max_body) {
         Ok(Some(h)) => h.tag,
         Ok(None) | Err(_) => return io.flush().await,
     };
     if matches!(tag, b'Q' | b'F' | b'S') {
         discard_message(io).await?;
-        backend::ready_for_query(&mut io.out, b'I');
+        backend::ready_for_query(&mut io.out, status);
         return io.flush().await;
     }
     io.flush().await?;
-    skip_to_sync(io, b'I').await
+    skip_to_sync(io, status).await
 }
 
 /// Drops client messages through the next Sync, then sends ReadyForQuery.

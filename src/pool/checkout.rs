@@ -90,7 +90,7 @@ impl Pool {
                         None => {
                             PoolStats::bump(&self.stats.wait_timeouts);
                             if self.health.outage().is_some() {
-                                return Err(self.outage_error(deadline));
+                                return Err(self.outage_error(started));
                             }
                             return Err(CheckoutError::WaitTimeout {
                                 pool: self.key.clone(),
@@ -106,7 +106,7 @@ impl Pool {
                         return Ok(Pooled::new(self.clone(), c));
                     }
                 }
-                Grant::Slot => return self.open_new(deadline).await,
+                Grant::Slot => return self.open_new(deadline, started).await,
             }
         }
     }
@@ -141,7 +141,11 @@ impl Pool {
     /// Opens a connection in a slot already reserved for it. While the backend is down, this
     /// waits for its turn to probe (one probe at a time, paced by backoff) until `deadline`,
     /// so clients are held instead of failed.
-    async fn open_new(self: &Arc<Self>, deadline: Option<Instant>) -> Result<Pooled, CheckoutError> {
+    async fn open_new(
+        self: &Arc<Self>,
+        deadline: Option<Instant>,
+        started: Instant,
+    ) -> Result<Pooled, CheckoutError> {
         let mut held = false;
         loop {
             let probe = if self.health.outage().is_some() {
@@ -153,7 +157,7 @@ impl Pool {
                     None => self.health.probe.lock().await,
                     Some(d) => match tokio::time::timeout_at(d, self.health.probe.lock()).await {
                         Ok(g) => g,
-                        Err(_) => return Err(self.give_up(deadline)),
+                        Err(_) => return Err(self.give_up(started)),
                     },
                 };
                 if self.health.outage().is_none() {
@@ -164,7 +168,7 @@ impl Pool {
                     if let Some(d) = deadline {
                         tokio::time::sleep_until(d).await;
                     }
-                    return Err(self.give_up(deadline));
+                    return Err(self.give_up(started));
                 }
                 tokio::time::sleep_until(at).await;
                 PoolStats::bump(&self.stats.reconnect_attempts);
@@ -192,7 +196,7 @@ impl Pool {
                     }
                     drop(probe);
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(self.give_up(deadline));
+                        return Err(self.give_up(started));
                     }
                 }
                 Err(source) => {
@@ -236,13 +240,13 @@ impl Pool {
 
     /// The slot reserved for a connection that will not be opened goes back; the error names
     /// the outage (57P03 if the backend last said it is starting up, else 08006).
-    fn give_up(&self, deadline: Option<Instant>) -> CheckoutError {
+    fn give_up(&self, started: Instant) -> CheckoutError {
         lock(&self.state).slot_freed(true);
-        self.outage_error(deadline)
+        self.outage_error(started)
     }
 
     /// The error for a client whose wait ended while the backend is (or was just) down.
-    fn outage_error(&self, _deadline: Option<Instant>) -> CheckoutError {
+    fn outage_error(&self, started: Instant) -> CheckoutError {
         match self.health.outage() {
             Some(o) => CheckoutError::BackendDown {
                 pool: self.key.clone(),
@@ -251,9 +255,10 @@ impl Pool {
                 down_for: fmt_secs(o.since.elapsed()),
                 last_error: o.last_error,
             },
+            // Back up just now: the client still waited its whole wait.
             None => CheckoutError::WaitTimeout {
                 pool: self.key.clone(),
-                waited: "its wait".to_string(),
+                waited: fmt_secs(started.elapsed()),
             },
         }
     }

@@ -169,7 +169,7 @@ impl Pool {
     /// transactions in flight finish, then every server connection is closed. Returns once
     /// no server connection is left.
     pub async fn pause(&self) {
-        lock(&self.state).set_paused(true);
+        self.begin_pause();
         loop {
             let released = self.released.notified();
             let c = self.counts();
@@ -179,6 +179,12 @@ impl Pool {
             }
             released.await;
         }
+    }
+
+    /// Stops handing out connections at once (what `pause` starts with), so several pools can
+    /// be paused together before waiting for each to drain.
+    pub fn begin_pause(&self) {
+        lock(&self.state).set_paused(true);
     }
 
     /// Ends a pause: waiting clients are served in order.

@@ -11,7 +11,8 @@ pub struct PoolStats {
     pub server_login_failures: AtomicU64,
     /// Server connections closed (dirty, dead, or on shutdown).
     pub servers_closed: AtomicU64,
-    /// Idle connections found dead at checkout and replaced without the client noticing.
+    /// Idle connections found dead or retired (at checkout, or by the idle watch) and closed
+    /// without any client noticing.
     pub dead_on_checkout: AtomicU64,
     /// Checkouts served.
     pub checkouts: AtomicU64,

@@ -156,16 +156,30 @@ impl ServerConn {
     /// Runs a simple query for the proxy itself, discarding rows. Returns the backend's ERROR,
     /// if any (the connection is still usable then); a FATAL or I/O failure is `Err`.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Option<PgError>, ServerError> {
+        self.run_query(sql).await.map(|(error, _)| error)
+    }
+
+    /// Runs a one-value query for the proxy itself: the first column of the first row as
+    /// text (`None` for no row or NULL). A backend ERROR is `None` too: this is for facts the
+    /// proxy can do without.
+    pub async fn query_text(&mut self, sql: &str) -> Result<Option<String>, ServerError> {
+        self.run_query(sql).await.map(|(_, value)| value)
+    }
+
+    /// Runs a simple query to its ReadyForQuery: (the first ERROR, the first row's first
+    /// column). A FATAL or I/O failure is `Err`; COPY is refused.
+    async fn run_query(&mut self, sql: &str) -> Result<(Option<PgError>, Option<String>), ServerError> {
         frontend::query(&mut self.wbuf, sql);
         self.flush_wbuf().await?;
         let mut first_error = None;
+        let mut value = None;
         loop {
             let (tag, body) = self.read_message().await?;
             match tag {
-                b'Z' => return Ok(first_error),
+                b'Z' => return Ok((first_error, value)),
                 b'S' => {
-                    let (name, value) = parse_parameter_status(&body)?;
-                    self.params.insert(name, value);
+                    let (name, v) = parse_parameter_status(&body)?;
+                    self.params.insert(name, v);
                 }
                 b'E' => {
                     let err = PgError::parse(&body)?;
@@ -174,24 +188,6 @@ impl ServerConn {
                     }
                     first_error.get_or_insert(err);
                 }
-                // Rows, command tags, notices, COPY (refused below): nothing to keep.
-                b'G' | b'H' | b'W' => return Err(ServerError::Unexpected(char::from(tag))),
-                _ => {}
-            }
-        }
-    }
-
-    /// Runs a one-value query for the proxy itself: the first column of the first row as
-    /// text (`None` for no row or NULL). A backend ERROR is `None` too: this is for facts the
-    /// proxy can do without.
-    pub async fn query_text(&mut self, sql: &str) -> Result<Option<String>, ServerError> {
-        frontend::query(&mut self.wbuf, sql);
-        self.flush_wbuf().await?;
-        let mut value = None;
-        loop {
-            let (tag, body) = self.read_message().await?;
-            match tag {
-                b'Z' => return Ok(value),
                 b'D' if value.is_none() => {
                     let mut r = crate::proto::Reader::new(&body);
                     if r.i16("column count")? > 0 {
@@ -200,17 +196,8 @@ impl ServerConn {
                         }
                     }
                 }
-                b'E' => {
-                    let err = PgError::parse(&body)?;
-                    if err.is_fatal() {
-                        return Err(ServerError::Fatal(err));
-                    }
-                }
-                b'S' => {
-                    let (name, v) = parse_parameter_status(&body)?;
-                    self.params.insert(name, v);
-                }
                 b'G' | b'H' | b'W' => return Err(ServerError::Unexpected(char::from(tag))),
+                // Other rows, command tags, notices: nothing to keep.
                 _ => {}
             }
         }
