@@ -31,12 +31,7 @@ async fn run_query(port: u16, user: &str, password: &str) -> String {
         .simple_query("select current_user || '@' || current_database()")
         .await
         .unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap()
+    support::first_value(&rows).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

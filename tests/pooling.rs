@@ -10,17 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::raw::{self, Raw};
-use support::{cluster, connect, direct, eventually, sqlstate, start_proxy, TestDb};
+use support::{cluster, connect, direct, eventually, first_value, sqlstate, start_proxy, TestDb};
 use tokio_postgres::SimpleQueryMessage;
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn first_value(msgs: &[SimpleQueryMessage]) -> Option<String> {
-    msgs.iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-        _ => None,
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_clients_share_five_server_connections() {

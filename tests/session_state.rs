@@ -6,23 +6,13 @@ mod support;
 
 use std::time::Duration;
 
-use support::{connect, start_proxy, TestDb};
-use tokio_postgres::SimpleQueryMessage;
+use support::{connect, first_column, start_proxy, TestDb};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-fn values(msgs: &[SimpleQueryMessage]) -> Vec<String> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .collect()
-}
-
 async fn show(c: &tokio_postgres::Client, names: &[&str]) -> Vec<String> {
     let sql: Vec<String> = names.iter().map(|n| format!("show {n}")).collect();
-    values(&c.simple_query(&sql.join(";")).await.unwrap())
+    first_column(&c.simple_query(&sql.join(";")).await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

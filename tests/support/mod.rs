@@ -167,6 +167,21 @@ pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
     }
 }
 
+/// The first column of every row of a simple query's answer (NULLs left out).
+pub fn first_column(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Vec<String> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The first column of the first row, if any.
+pub fn first_value(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Option<String> {
+    first_column(msgs).into_iter().next()
+}
+
 /// The SQLSTATE of a tokio-postgres error, if the server (or proxy) sent one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_string())
