@@ -29,6 +29,7 @@ impl Proxy {
         let listener = TcpListener::bind(config.listen_addr).await?;
         let addr = listener.local_addr()?;
         let pools = Arc::new(Pools::new(Arc::new(config)));
+        pools.prewarm();
         let mut proxy_secret = [0u8; 32];
         rand::fill(&mut proxy_secret);
         let ctx = Arc::new(ClientContext {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pgsluice::auth::md5::password_hash;
 use pgsluice::auth::secret::{ScramVerifier, Secret};
-use pgsluice::config::model::{defaults, RawDatabase, RawUser};
+use pgsluice::config::model::{defaults, RawDatabase, RawTenant, RawUser};
 use pgsluice::config::{AuthMethod, Backend, Config, ConfigError, PoolMode, RawConfig};
 
 const EXAMPLE: &str = include_str!("../proxy.toml.example");
@@ -28,19 +28,32 @@ macro_rules! keys_of {
 
 const GLOBAL_KEYS: &[&str] = keys_of!(RawConfig {
     listen_addr,
-    pool_mode,
     default_pool_size,
     max_client_conn,
+    max_db_connections,
+    server_connect_concurrency,
+    max_queue,
     max_packet_size,
     max_prepared_statements,
     auth_type,
     server_reset_query,
-    server_connect_timeout,
-    server_check_delay,
-    query_wait_timeout,
-    client_login_timeout,
     databases,
+    tenants,
     users,
+    pool_mode,
+    min_pool_size,
+    reserve_pool_size,
+    reserve_pool_timeout,
+    query_wait_timeout,
+    query_wait_notify,
+    client_login_timeout,
+    client_idle_timeout,
+    idle_transaction_timeout,
+    query_timeout,
+    server_connect_timeout,
+    server_idle_timeout,
+    server_lifetime,
+    server_check_delay,
 });
 
 const DATABASE_KEYS: &[&str] = keys_of!(RawDatabase {
@@ -48,26 +61,98 @@ const DATABASE_KEYS: &[&str] = keys_of!(RawDatabase {
     port,
     dbname,
     pool_size,
-    pool_mode,
+    max_db_connections,
+    server_connect_concurrency,
     server_user,
     server_password,
+    pool_mode,
+    min_pool_size,
+    reserve_pool_size,
+    reserve_pool_timeout,
+    query_wait_timeout,
+    query_wait_notify,
+    client_login_timeout,
+    client_idle_timeout,
+    idle_transaction_timeout,
+    query_timeout,
+    server_connect_timeout,
+    server_idle_timeout,
+    server_lifetime,
+    server_check_delay,
+});
+
+const TENANT_KEYS: &[&str] = keys_of!(RawTenant {
+    min_server_conn,
+    max_server_conn,
+    weight,
+    max_queue,
+    max_client_conn,
+    pool_size,
+    pool_mode,
+    min_pool_size,
+    reserve_pool_size,
+    reserve_pool_timeout,
+    query_wait_timeout,
+    query_wait_notify,
+    client_login_timeout,
+    client_idle_timeout,
+    idle_transaction_timeout,
+    query_timeout,
+    server_connect_timeout,
+    server_idle_timeout,
+    server_lifetime,
+    server_check_delay,
 });
 
 const USER_KEYS: &[&str] = keys_of!(RawUser {
     password,
     auth,
+    tenant,
+    max_client_conn,
     pool_size,
-    pool_mode,
     server_password,
+    pool_mode,
+    min_pool_size,
+    reserve_pool_size,
+    reserve_pool_timeout,
+    query_wait_timeout,
+    query_wait_notify,
+    client_login_timeout,
+    client_idle_timeout,
+    idle_transaction_timeout,
+    query_timeout,
+    server_connect_timeout,
+    server_idle_timeout,
+    server_lifetime,
+    server_check_delay,
 });
 
+/// Keys every scope shares (documented once, in the global section, with their precedence).
+const SHARED_KEYS: &[&str] = &[
+    "pool_mode",
+    "min_pool_size",
+    "reserve_pool_size",
+    "reserve_pool_timeout",
+    "query_wait_timeout",
+    "query_wait_notify",
+    "client_login_timeout",
+    "client_idle_timeout",
+    "idle_transaction_timeout",
+    "query_timeout",
+    "server_connect_timeout",
+    "server_idle_timeout",
+    "server_lifetime",
+    "server_check_delay",
+];
+
 /// Global keys that are tables rather than `key = value` lines.
-const TABLE_KEYS: &[&str] = &["databases", "users"];
+const TABLE_KEYS: &[&str] = &["databases", "tenants", "users"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Section {
     Global,
     Database,
+    Tenant,
     User,
 }
 
@@ -76,6 +161,7 @@ impl Section {
         match self {
             Section::Global => GLOBAL_KEYS,
             Section::Database => DATABASE_KEYS,
+            Section::Tenant => TENANT_KEYS,
             Section::User => USER_KEYS,
         }
     }
@@ -105,6 +191,8 @@ struct KeyLine {
 fn section_of(header: &str) -> Section {
     if header.starts_with("[databases.") {
         Section::Database
+    } else if header.starts_with("[tenants.") {
+        Section::Tenant
     } else if header.starts_with("[users.") {
         Section::User
     } else {
@@ -220,7 +308,29 @@ fn example_parses_as_written() {
     assert_eq!(workers.server_password, None);
     assert_eq!(cfg.users.len(), 3);
 
-    // The only pool without a password for the backend is the SCRAM pass-through one.
+    // One declared tenant, with app_workers in it and the default share; the other users form
+    // tenants of their own, named after them.
+    assert_eq!(cfg.tenants.len(), 1);
+    let batch = &cfg.tenants["batch"];
+    assert!(batch.declared);
+    assert_eq!(batch.min_server_conn, defaults::MIN_SERVER_CONN);
+    assert_eq!(batch.weight, defaults::WEIGHT);
+    assert_eq!(batch.max_server_conn, None);
+    assert_eq!(batch.max_queue, None);
+    assert_eq!(workers.tenant.name, "batch");
+    for own in ["app_api", "app_legacy"] {
+        let t = &cfg.users[own].tenant;
+        assert_eq!(t.name, own);
+        assert!(!t.declared);
+    }
+    assert_eq!(app.max_db_connections, None);
+    assert_eq!(
+        app.server_connect_concurrency,
+        defaults::SERVER_CONNECT_CONCURRENCY
+    );
+
+    // The only pool without a password for the backend is the SCRAM pass-through one (the
+    // tenant has a user, so it draws no warning).
     assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
     assert!(cfg.warnings[0].contains("app_workers"), "{:?}", cfg.warnings);
 }
@@ -244,9 +354,12 @@ fn every_model_key_is_documented() {
     for (section, keys) in [
         (Section::Global, GLOBAL_KEYS),
         (Section::Database, DATABASE_KEYS),
+        (Section::Tenant, TENANT_KEYS),
         (Section::User, USER_KEYS),
     ] {
-        for key in keys.iter().filter(|k| !TABLE_KEYS.contains(k)) {
+        // The shared keys are documented once, in the global section.
+        let own = |k: &&&str| section == Section::Global || !SHARED_KEYS.contains(k);
+        for key in keys.iter().filter(|k| !TABLE_KEYS.contains(k)).filter(own) {
             assert!(
                 lines.iter().any(|l| l.section == section && l.key == *key),
                 "{section:?} key {key:?} is not documented in proxy.toml.example"
@@ -255,6 +368,7 @@ fn every_model_key_is_documented() {
     }
     assert!(EXAMPLE.contains("\n[databases."), "no [databases.NAME] table");
     assert!(EXAMPLE.contains("\n[users."), "no [users.NAME] table");
+    assert!(EXAMPLE.contains("\n[tenants."), "no [tenants.NAME] table");
 }
 
 #[test]
@@ -274,14 +388,23 @@ fn every_documented_key_exists_in_the_model() {
 fn every_global_key_has_its_default_written_out() {
     let lines = key_lines(EXAMPLE);
     for key in GLOBAL_KEYS.iter().filter(|k| !TABLE_KEYS.contains(k)) {
+        // Caps that are unset by default have no value to write out: an illustration instead.
+        let kind = if UNSET_BY_DEFAULT.contains(key) {
+            Kind::Example
+        } else {
+            Kind::Default
+        };
         assert!(
             lines
                 .iter()
-                .any(|l| l.section == Section::Global && l.kind == Kind::Default && l.key == *key),
-            "global key {key:?} has no `# {key} = <default>` line"
+                .any(|l| l.section == Section::Global && l.kind == kind && l.key == *key),
+            "global key {key:?} has no `# {key} = <default>` line (or `# e.g.` for a cap unset by default)"
         );
     }
 }
+
+/// Global caps whose default is "no cap".
+const UNSET_BY_DEFAULT: &[&str] = &["max_db_connections", "max_queue"];
 
 #[test]
 fn written_defaults_equal_the_code_defaults() {
@@ -293,21 +416,35 @@ fn written_defaults_equal_the_code_defaults() {
             cfg.listen_addr,
             defaults::LISTEN_ADDR.parse::<SocketAddr>().unwrap()
         );
-        assert_eq!(cfg.default_pool_size, defaults::DEFAULT_POOL_SIZE);
+        let d = &cfg.defaults;
+        assert_eq!(d.pool_size, defaults::DEFAULT_POOL_SIZE);
         assert_eq!(cfg.max_client_conn, defaults::MAX_CLIENT_CONN);
         assert_eq!(cfg.max_packet_size, defaults::MAX_PACKET_SIZE);
         assert_eq!(cfg.max_prepared_statements, defaults::MAX_PREPARED_STATEMENTS);
         assert_eq!(cfg.server_reset_query, defaults::SERVER_RESET_QUERY);
-        assert_eq!(cfg.server_connect_timeout, defaults::SERVER_CONNECT_TIMEOUT);
-        assert_eq!(cfg.query_wait_timeout, defaults::QUERY_WAIT_TIMEOUT);
-        assert_eq!(cfg.server_check_delay, defaults::SERVER_CHECK_DELAY);
-        assert_eq!(cfg.client_login_timeout, defaults::CLIENT_LOGIN_TIMEOUT);
+        assert_eq!(d.server_connect_timeout, defaults::SERVER_CONNECT_TIMEOUT);
+        assert_eq!(d.query_wait_timeout, defaults::QUERY_WAIT_TIMEOUT);
+        assert_eq!(d.server_check_delay, defaults::SERVER_CHECK_DELAY);
+        assert_eq!(d.client_login_timeout, defaults::CLIENT_LOGIN_TIMEOUT);
+        assert_eq!(d.min_pool_size, defaults::MIN_POOL_SIZE);
+        assert_eq!(d.reserve_pool_size, defaults::RESERVE_POOL_SIZE);
+        assert_eq!(d.reserve_pool_timeout, defaults::RESERVE_POOL_TIMEOUT);
+        assert_eq!(d.query_wait_notify, defaults::QUERY_WAIT_NOTIFY);
+        assert_eq!(d.client_idle_timeout, defaults::CLIENT_IDLE_TIMEOUT);
+        assert_eq!(d.idle_transaction_timeout, defaults::IDLE_TRANSACTION_TIMEOUT);
+        assert_eq!(d.query_timeout, defaults::QUERY_TIMEOUT);
+        assert_eq!(d.server_idle_timeout, defaults::SERVER_IDLE_TIMEOUT);
+        assert_eq!(d.server_lifetime, defaults::SERVER_LIFETIME);
+        assert_eq!(d.pool_mode, defaults::POOL_MODE);
+        assert_eq!(
+            cfg.databases["app"].server_connect_concurrency,
+            defaults::SERVER_CONNECT_CONCURRENCY
+        );
         // Defaults that live in resolve.rs rather than in `defaults`: compare with a config
         // that leaves them out.
-        assert_eq!(cfg.pool_mode, implicit.pool_mode);
         assert_eq!(cfg.auth_type, implicit.auth_type);
     }
-    assert_eq!(implicit.pool_mode, PoolMode::Transaction);
+    assert_eq!(implicit.defaults.pool_mode, PoolMode::Transaction);
     assert_eq!(implicit.auth_type, AuthMethod::ScramSha256);
 
     // Per-database defaults: `dbname` is the table's name, host and port as a bare table gets.
@@ -335,17 +472,29 @@ fn illustrated_values_are_valid() {
     // the key names are accepted by the model and the values by validation.
     let cfg = parse(&uncomment(&[Kind::Default, Kind::Example]));
     let app = &cfg.databases["app"];
-    assert_eq!(app.pool_size, Some(10));
+    assert_eq!(app.shared.pool_size, Some(10));
     assert!(app.server_credentials.is_some());
+    assert_eq!(app.max_db_connections, Some(20));
+    assert_eq!(app.server_connect_concurrency, 2);
     let api = &cfg.users["app_api"];
-    // user > database > global.
-    assert_eq!(
-        cfg.pool_settings(app, api),
-        pgsluice::config::PoolSettings {
-            pool_size: 5,
-            pool_mode: PoolMode::Session
-        }
-    );
+    assert_eq!(api.max_client_conn, Some(100));
+    // user > tenant > database > global.
+    let s = cfg.pool_settings(app, api);
+    assert_eq!((s.pool_size, s.pool_mode), (5, PoolMode::Session));
+    assert_eq!(s.idle_transaction_timeout, Some(Duration::from_secs(60)));
+    let batch = &cfg.tenants["batch"];
+    assert_eq!(batch.max_server_conn, Some(8));
+    assert_eq!(batch.max_queue, Some(400));
+    assert_eq!(batch.max_client_conn, Some(500));
+    // app_workers sets no pool keys: its tenant's pool_size and wait bound win over the
+    // database's and the global ones.
+    let workers = &cfg.users["app_workers"];
+    let s = cfg.pool_settings(app, workers);
+    assert_eq!(s.pool_size, 8);
+    assert_eq!(s.query_wait_timeout, Some(Duration::from_secs(60)));
+    assert_eq!(s.pool_mode, PoolMode::Transaction);
+    // A user's own tenant takes the global max_queue.
+    assert_eq!(cfg.users["app_legacy"].tenant.max_queue, Some(500));
 }
 
 #[test]
@@ -353,9 +502,12 @@ fn durations_accept_off_and_zero() {
     let cfg = parse(&format!(
         "server_connect_timeout = \"off\"\nquery_wait_timeout = \"0\"\nclient_login_timeout = \"250ms\"\n{MINIMAL}"
     ));
-    assert_eq!(cfg.server_connect_timeout, None);
-    assert_eq!(cfg.query_wait_timeout, None);
-    assert_eq!(cfg.client_login_timeout, Some(Duration::from_millis(250)));
+    assert_eq!(cfg.defaults.server_connect_timeout, None);
+    assert_eq!(cfg.defaults.query_wait_timeout, None);
+    assert_eq!(
+        cfg.defaults.client_login_timeout,
+        Some(Duration::from_millis(250))
+    );
     let bad = Config::parse(&format!("query_wait_timeout = \"soon\"\n{MINIMAL}"));
     assert!(
         matches!(bad, Err(ConfigError::Parse(ref m)) if m.contains("soon")),

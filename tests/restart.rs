@@ -308,7 +308,8 @@ async fn pause_restart_resume_shows_clients_no_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_refused_with_too_many_clients_are_retried() {
     let c = Arc::new(own_cluster());
-    // Every backend login as `app` now gets 53300 "too many connections for role".
+    // Every backend login as `app` now gets 53300 "too many connections for role": the
+    // backend is up but full, a capacity signal, not an outage.
     c.psql("postgres", "ALTER ROLE app CONNECTION LIMIT 0").unwrap();
     let p = proxy_for(&c, "query_wait_timeout = \"60s\"").await;
     // The pool has no cached parameters yet, so this client's own login needs a server
@@ -320,7 +321,7 @@ async fn logins_refused_with_too_many_clients_are_retried() {
             .pools()
             .all()
             .first()
-            .is_some_and(|pool| PoolStats::get(&pool.stats.reconnect_attempts) >= 2))
+            .is_some_and(|pool| PoolStats::get(&pool.db.stats.backend_full) >= 2))
         .await
     );
     assert!(

@@ -2,37 +2,30 @@
 //! forwarded, with the server's own key, to the backend currently running that client's query.
 //! Nothing is sent when the client holds no server connection, so a late cancel never reaches
 //! another client's query; and the server connection stays out of the pool until the cancel
-//! connection to the postmaster has closed (see `CancelGate`).
+//! connection to the postmaster has closed (see `CancelGate`). A client still queued for a
+//! server connection is taken out of the queue instead (57014).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use bytes::BytesMut;
 use subtle::ConstantTimeEq;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::Notify;
 
-use crate::config::Backend;
-use crate::proto::frontend;
-use crate::server::{CancelGate, ServerConn};
+use crate::server::{CancelTarget, ServerConn};
 
-/// Bound on the whole forwarded cancel (connect, send, wait for the postmaster to close).
-const CANCEL_FORWARD_LIMIT: Duration = Duration::from_secs(10);
-
-/// Where a client's query is running right now.
-#[derive(Debug, Clone)]
-struct Target {
-    backend: Arc<Backend>,
-    pid: u32,
-    secret: u32,
-    gate: Arc<CancelGate>,
+/// A client's cancel state, behind its own lock: attach/detach on every transaction touch
+/// only this, never the registry's map. While the client is queued for a server connection,
+/// a cancel ends its wait instead.
+#[derive(Debug, Default)]
+struct SlotState {
+    target: Mutex<Option<CancelTarget>>,
+    waiting: AtomicBool,
+    cancelled: AtomicBool,
+    wake: Notify,
 }
 
-/// A client's current target, behind its own lock: attach/detach on every transaction touch
-/// only this, never the registry's map.
-type Slot = Arc<Mutex<Option<Target>>>;
-
+type Slot = Arc<SlotState>;
 #[derive(Debug)]
 struct Entry {
     secret: u32,
@@ -80,27 +73,25 @@ impl CancelRegistry {
     /// something. Unknown keys are ignored, as PostgreSQL does. The forward runs in its own
     /// task, so a client that closes its cancel socket at once still gets its query cancelled.
     pub fn cancel(&self, pid: u32, secret: u32) {
-        let target = {
+        let slot = {
             let entries = lock(&self.entries);
             match entries.get(&pid) {
-                Some(e) if bool::from(e.secret.ct_eq(&secret)) => lock(&e.slot).clone(),
-                _ => None,
+                Some(e) if bool::from(e.secret.ct_eq(&secret)) => e.slot.clone(),
+                _ => {
+                    tracing::debug!(pid, "cancel request with an unknown key; ignored");
+                    return;
+                }
             }
         };
-        let Some(t) = target else {
-            tracing::debug!(pid, "cancel request for no running query; ignored");
-            return;
-        };
-        t.gate.begin();
-        tokio::spawn(async move {
-            if tokio::time::timeout(CANCEL_FORWARD_LIMIT, forward(&t))
-                .await
-                .is_err()
-            {
-                tracing::warn!(backend = %t.backend, "forwarding a cancel request timed out");
+        let target = lock(&slot.target).clone();
+        match target {
+            Some(t) => t.send(),
+            None if slot.waiting.load(Ordering::Acquire) => {
+                slot.cancelled.store(true, Ordering::Release);
+                slot.wake.notify_waiters();
             }
-            t.gate.end();
-        });
+            None => tracing::debug!(pid, "cancel request for no running query; ignored"),
+        }
     }
 
     /// Number of registered clients.
@@ -112,37 +103,6 @@ impl CancelRegistry {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-async fn forward(t: &Target) {
-    let mut msg = BytesMut::with_capacity(16);
-    frontend::cancel_request(&mut msg, t.pid, t.secret);
-    let result = match &*t.backend {
-        Backend::Tcp { host, port } => match TcpStream::connect((host.as_str(), *port)).await {
-            Ok(mut s) => send_and_wait_close(&mut s, &msg).await,
-            Err(e) => Err(e),
-        },
-        Backend::Unix { dir, port } => {
-            match UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await {
-                Ok(mut s) => send_and_wait_close(&mut s, &msg).await,
-                Err(e) => Err(e),
-            }
-        }
-    };
-    if let Err(e) = result {
-        tracing::warn!(backend = %t.backend, error = %e, "could not forward a cancel request");
-    }
-}
-
-async fn send_and_wait_close<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    s: &mut S,
-    msg: &[u8],
-) -> std::io::Result<()> {
-    s.write_all(msg).await?;
-    // The postmaster closes the connection once it has signalled the backend.
-    let mut sink = [0u8; 64];
-    while s.read(&mut sink).await? > 0 {}
-    Ok(())
 }
 
 /// A client's registration; removed on drop.
@@ -159,18 +119,35 @@ pub struct CancelHandle {
 impl CancelHandle {
     /// The client now runs on `server`: cancels go there.
     pub fn attach(&self, server: &ServerConn) {
-        let target = Target {
-            backend: server.backend.clone(),
-            pid: server.backend_key.0,
-            secret: server.backend_key.1,
-            gate: server.cancel_gate.clone(),
-        };
-        *lock(&self.slot) = Some(target);
+        *lock(&self.slot.target) = Some(CancelTarget::of(server));
     }
 
     /// The client holds no server: cancels are ignored.
     pub fn detach(&self) {
-        *lock(&self.slot) = None;
+        *lock(&self.slot.target) = None;
+    }
+
+    /// The client is queued for a server connection: a cancel now ends the wait.
+    pub fn begin_wait(&self) {
+        self.slot.cancelled.store(false, Ordering::Release);
+        self.slot.waiting.store(true, Ordering::Release);
+    }
+
+    /// The wait is over (served or not): later cancels go to the query, if any.
+    pub fn end_wait(&self) {
+        self.slot.waiting.store(false, Ordering::Release);
+        self.slot.cancelled.store(false, Ordering::Release);
+    }
+
+    /// Resolves when a cancel arrives during the wait.
+    pub async fn cancelled(&self) {
+        loop {
+            let woken = self.slot.wake.notified();
+            if self.slot.cancelled.load(Ordering::Acquire) {
+                return;
+            }
+            woken.await;
+        }
     }
 }
 

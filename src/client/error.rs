@@ -45,6 +45,35 @@ pub enum ClientError {
     /// `max_client_conn` reached.
     #[error("too many client connections (max_client_conn = {0})")]
     TooManyClients(u32),
+    /// The tenant's `max_client_conn` reached.
+    #[error("too many client connections for tenant {tenant} (max_client_conn = {max})")]
+    TenantClients {
+        /// The tenant.
+        tenant: String,
+        /// Its cap.
+        max: u32,
+    },
+    /// The user's `max_client_conn` reached.
+    #[error("too many client connections for user {user:?} (max_client_conn = {max})")]
+    UserClients {
+        /// The user.
+        user: String,
+        /// Its cap.
+        max: u32,
+    },
+    /// A CancelRequest arrived while the client was queued for a server connection.
+    #[error("canceling statement due to user request (while waiting for a server connection)")]
+    WaitCanceled,
+    /// `client_idle_timeout` passed with the client idle.
+    #[error("terminating connection due to idle-session timeout (client_idle_timeout = {})", fmt_duration(*.0))]
+    IdleTimeout(Duration),
+    /// `idle_transaction_timeout` passed with the client idle inside a transaction.
+    #[error("terminating connection due to idle-in-transaction timeout (idle_transaction_timeout = {})", fmt_duration(*.0))]
+    IdleInTransaction(Duration),
+    /// `query_timeout` passed and the query did not stop after its cancel: its server
+    /// connection was closed.
+    #[error("canceling statement due to query_timeout ({}): the query did not stop after a cancel, so its server connection was closed", fmt_duration(*.0))]
+    QueryTimeout(Duration),
     /// `client_login_timeout` passed.
     #[error("login timed out")]
     LoginTimeout(Duration),
@@ -93,7 +122,17 @@ impl ClientError {
                     fmt_duration(*d)
                 ),
             ),
-            ClientError::Checkout(CheckoutError::WaitTimeout { .. }) => {
+            ClientError::TenantClients { .. } | ClientError::UserClients { .. } => {
+                PgError::new(severity, code::TOO_MANY_CONNECTIONS, msg)
+            }
+            ClientError::WaitCanceled | ClientError::QueryTimeout(_) => {
+                PgError::new(severity, code::QUERY_CANCELED, msg)
+            }
+            ClientError::IdleTimeout(_) => PgError::new(severity, code::IDLE_SESSION_TIMEOUT, msg),
+            ClientError::IdleInTransaction(_) => {
+                PgError::new(severity, code::IDLE_IN_TRANSACTION_TIMEOUT, msg)
+            }
+            ClientError::Checkout(CheckoutError::WaitTimeout { .. } | CheckoutError::QueueFull { .. }) => {
                 PgError::new(severity, code::TOO_MANY_CONNECTIONS, msg)
             }
             ClientError::Checkout(CheckoutError::BackendDown { code, .. }) => {

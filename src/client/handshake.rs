@@ -13,6 +13,7 @@ use super::io::{read_startup, Gone};
 use super::login::{prepare_session, write_welcome};
 use super::{ClientContext, ClientError};
 use crate::auth::secret::Secret;
+use crate::pool::tenant::Ticket;
 use crate::pool::Pool;
 use crate::proto::backend::{self, auth_code, Severity};
 use crate::proto::startup::{self, StartupRequest};
@@ -28,6 +29,16 @@ pub struct LoggedIn {
     pub view: SessionView,
     /// Its cancel key registration.
     pub cancel: CancelHandle,
+    /// Its place under the tenant's and the user's `max_client_conn`, held while connected.
+    pub _tickets: [Ticket; 2],
+}
+
+/// A startup packet that asks to log in.
+#[derive(Debug)]
+struct LoginRequest {
+    user_name: String,
+    database: String,
+    settings: BTreeMap<String, String>,
 }
 
 /// What the connection turned out to be.
@@ -46,13 +57,23 @@ pub async fn handshake<C: AsyncRead + AsyncWrite + Unpin>(
     admitted: bool,
 ) -> Result<Opened, Gone> {
     let config = ctx.pools.config().clone();
-    let attempt = handshake_inner(io, ctx, admitted);
-    let result = match config.client_login_timeout {
-        None => attempt.await?,
-        Some(t) => match tokio::time::timeout(t, attempt).await {
-            Ok(r) => r?,
-            Err(_) => Err(ClientError::LoginTimeout(t)),
-        },
+    let started = Instant::now();
+    // Until the startup packet names the user and database, the global bound applies; then
+    // theirs (user > tenant > database > global), still counted from the connection's start.
+    let global = config.defaults.client_login_timeout;
+    let result = match within(started, global, startup(io, ctx, admitted)).await? {
+        Ok(None) => Ok(Opened::Done),
+        Ok(Some(req)) => {
+            let limit = match (
+                config.users.get(&req.user_name),
+                config.databases.get(&req.database),
+            ) {
+                (Some(user), Some(db)) => config.pool_settings(db, user).client_login_timeout,
+                _ => global,
+            };
+            within(started, limit, login(io, ctx, req)).await?
+        }
+        Err(e) => Err(e),
     };
     match result {
         Ok(opened) => Ok(opened),
@@ -65,11 +86,28 @@ pub async fn handshake<C: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn handshake_inner<C: AsyncRead + AsyncWrite + Unpin>(
+/// Runs `step`, bounded by `limit` counted from `started`.
+async fn within<T>(
+    started: Instant,
+    limit: Option<std::time::Duration>,
+    step: impl std::future::Future<Output = Result<Result<T, ClientError>, Gone>>,
+) -> Result<Result<T, ClientError>, Gone> {
+    match limit {
+        None => step.await,
+        Some(t) => match tokio::time::timeout_at(started + t, step).await {
+            Ok(r) => r,
+            Err(_) => Ok(Err(ClientError::LoginTimeout(t))),
+        },
+    }
+}
+
+/// Reads the startup packet (answering SSL/GSS requests and cancel requests); `None` when the
+/// connection was a cancel request.
+async fn startup<C: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<C>,
     ctx: &ClientContext,
     admitted: bool,
-) -> Result<Result<Opened, ClientError>, Gone> {
+) -> Result<Result<Option<LoginRequest>, ClientError>, Gone> {
     let mut encryption_requests = 0;
     let (major, minor, params) = loop {
         let body = match read_startup(&mut io.stream).await? {
@@ -91,7 +129,7 @@ async fn handshake_inner<C: AsyncRead + AsyncWrite + Unpin>(
             }
             Ok(StartupRequest::Cancel { pid, secret }) => {
                 ctx.cancels.cancel(pid, secret);
-                return Ok(Ok(Opened::Done));
+                return Ok(Ok(None));
             }
             Ok(StartupRequest::Startup { major, minor, params }) => break (major, minor, params),
         }
@@ -138,7 +176,25 @@ async fn handshake_inner<C: AsyncRead + AsyncWrite + Unpin>(
             ctx.pools.config().max_client_conn,
         )));
     }
+    Ok(Ok(Some(LoginRequest {
+        user_name,
+        database,
+        settings,
+    })))
+}
 
+/// Authenticates, admits the client under its tenant's and user's caps, finds its pool and
+/// prepares its session.
+async fn login<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    ctx: &ClientContext,
+    req: LoginRequest,
+) -> Result<Result<Opened, ClientError>, Gone> {
+    let LoginRequest {
+        user_name,
+        database,
+        settings,
+    } = req;
     let config = ctx.pools.config().clone();
     let user = config.users.get(&user_name);
     let authed = match authenticate(io, &user_name, user, config.auth_type, &ctx.proxy_secret).await? {
@@ -152,13 +208,32 @@ async fn handshake_inner<C: AsyncRead + AsyncWrite + Unpin>(
     let Some(db) = config.databases.get(&database) else {
         return Ok(Err(ClientError::UnknownDatabase(database)));
     };
+    let tenant = ctx.pools.tenant(&user.tenant);
+    let tenant_ticket = match Ticket::take(&tenant.clients) {
+        Ok(t) => t,
+        Err(max) => {
+            return Ok(Err(ClientError::TenantClients {
+                tenant: user.tenant.name.clone(),
+                max,
+            }))
+        }
+    };
+    let user_ticket = match Ticket::take(&ctx.pools.user_clients(user)) {
+        Ok(t) => t,
+        Err(max) => {
+            return Ok(Err(ClientError::UserClients {
+                user: user.name.clone(),
+                max,
+            }))
+        }
+    };
     let pool = ctx.pools.get(db, user);
     if let (Some((client_key, server_key)), Some(Secret::Scram(_))) = (authed.scram_keys, &user.secret) {
         pool.learn_scram_keys(client_key, server_key);
     }
     // Tell the client it is in while we may wait for a first server login.
     io.flush().await?;
-    let deadline = config.query_wait_timeout.map(|t| Instant::now() + t);
+    let deadline = pool.settings.query_wait_timeout.map(|t| Instant::now() + t);
     let params = match prepare_session(&pool, &settings, deadline).await {
         Ok(p) => p,
         Err(e) => return Ok(Err(e)),
@@ -175,5 +250,6 @@ async fn handshake_inner<C: AsyncRead + AsyncWrite + Unpin>(
         pool,
         view: SessionView::new(startup),
         cancel,
+        _tickets: [tenant_ticket, user_ticket],
     }))))
 }

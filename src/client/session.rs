@@ -9,14 +9,16 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
+use super::cancel::CancelHandle;
 use super::handshake::LoggedIn;
 use super::io::Gone;
 use super::ClientError;
+use crate::config::duration::fmt_duration;
 use crate::config::PoolMode;
 use crate::pool::{Pool, PoolStats, Pooled};
 use crate::proto::backend::{self, PgError, Severity};
 use crate::proto::frame::parse_header;
-use crate::relay::{relay, ClientIo, Mode, Outcome, SessionView};
+use crate::relay::{relay, ClientIo, Mode, Outcome, SessionView, Timers};
 use crate::settings::Settings;
 
 /// A backstop on replacing server connections that die before any client byte reached them
@@ -34,13 +36,34 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
         PoolMode::Transaction => Mode::Transaction,
         PoolMode::Session => Mode::Session,
     };
+    let limits = s.pool.settings.clone();
+    // In transaction mode the client is idle here, between transactions; in session mode the
+    // relay runs for the whole session and times its idleness itself.
+    let mut timers = Timers::new(
+        limits.idle_transaction_timeout,
+        limits.query_timeout,
+        (mode == Mode::Session)
+            .then_some(limits.client_idle_timeout)
+            .flatten(),
+    );
     loop {
         // Idle: wait for the start of the client's next request.
+        let idle_until = limits.client_idle_timeout.map(|t| Instant::now() + t);
         let tag = loop {
             match parse_header(&io.inbuf, io.max_body) {
                 Err(e) => return fatal(io, ClientError::Protocol(e)).await,
                 Ok(Some(h)) => break h.tag,
-                Ok(None) => io.fill().await?,
+                Ok(None) => match idle_until {
+                    None => io.fill().await?,
+                    Some(at) => match tokio::time::timeout_at(at, io.fill()).await {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            PoolStats::bump(&s.pool.stats.client_idle_timeouts);
+                            let limit = limits.client_idle_timeout.unwrap_or_default();
+                            return fatal(io, ClientError::IdleTimeout(limit)).await;
+                        }
+                    },
+                },
             }
         };
         if tag == b'X' {
@@ -57,8 +80,15 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
             answer_lost_block(io, &mut s.view).await?;
             continue;
         }
-        let deadline = s.pool.query_wait_timeout.map(|t| Instant::now() + t);
-        let mut server = match checkout(&s.pool, &s.view.settings, deadline).await {
+        let deadline = limits.query_wait_timeout.map(|t| Instant::now() + t);
+        let waited = wait_for_server(
+            io,
+            &s.pool,
+            &s.cancel,
+            checkout(&s.pool, &s.view.settings, deadline),
+        )
+        .await?;
+        let mut server = match waited {
             Ok(server) => server,
             Err(e) => {
                 tracing::info!(pool = %s.pool.key, error = %e, "request failed before reaching a server");
@@ -67,7 +97,7 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         s.cancel.attach(&server);
-        let outcome = relay(io, &mut server, mode, &mut s.view).await;
+        let outcome = relay(io, &mut server, mode, &mut s.view, timers.as_mut()).await;
         s.cancel.detach();
         collect_counters(&s.pool, &mut s.view);
         tracing::trace!(pool = %s.pool.key, ?outcome, "relay ended");
@@ -85,6 +115,18 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
                 server.discard();
                 return fatal(io, ClientError::Protocol(e)).await;
             }
+            Outcome::IdleInTransaction => {
+                PoolStats::bump(&s.pool.stats.idle_transaction_timeouts);
+                let limit = limits.idle_transaction_timeout.unwrap_or_default();
+                clean_server(server).await;
+                return fatal(io, ClientError::IdleInTransaction(limit)).await;
+            }
+            Outcome::ClientIdle => {
+                PoolStats::bump(&s.pool.stats.client_idle_timeouts);
+                let limit = limits.client_idle_timeout.unwrap_or_default();
+                finish_server(server, true, mode).await;
+                return fatal(io, ClientError::IdleTimeout(limit)).await;
+            }
             Outcome::ServerGone {
                 error_sent,
                 undelivered,
@@ -92,14 +134,22 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
                 tx_status,
                 client_skip,
                 unsynced,
+                timed_out,
             } => {
-                server.failed(error_sent.as_ref());
-                tracing::warn!(pool = %s.pool.key, pending, unsynced, error = ?error_sent.as_ref().map(ToString::to_string), "server connection lost while serving a client");
+                let lost = if timed_out {
+                    // Alive but stuck in a query that ignored its cancel: close it.
+                    PoolStats::bump(&s.pool.stats.query_timeout_closes);
+                    server.discard();
+                    tracing::warn!(pool = %s.pool.key, pending, "query did not stop after its query_timeout cancel; closed its server connection");
+                    ClientError::QueryTimeout(limits.query_timeout.unwrap_or_default())
+                } else {
+                    server.failed(error_sent.as_ref());
+                    tracing::warn!(pool = %s.pool.key, pending, unsynced, error = ?error_sent.as_ref().map(ToString::to_string), "server connection lost while serving a client");
+                    ClientError::ServerLost
+                };
                 if mode == Mode::Session {
                     if error_sent.is_none() {
-                        ClientError::ServerLost
-                            .to_pg_error(Severity::Fatal)
-                            .write_error(&mut io.out);
+                        lost.to_pg_error(Severity::Fatal).write_error(&mut io.out);
                     }
                     io.flush().await?;
                     return Ok(());
@@ -115,7 +165,7 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
                 let untold = match error_sent {
                     Some(_) if !undelivered => None,
                     Some(e) => Some(e.with_severity(Severity::Error)),
-                    None => Some(ClientError::ServerLost.to_pg_error(Severity::Error)),
+                    None => Some(lost.to_pg_error(Severity::Error)),
                 };
                 if pending == 0 && !unsynced {
                     // Nothing was pending (the client sat idle in its block): an error now would
@@ -146,6 +196,77 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// Waits for `checkout` while the client may cancel its wait (57014) and, after
+/// `query_wait_notify`, tells it with a NOTICE that it is waiting, as PgBouncer does.
+async fn wait_for_server<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    pool: &Pool,
+    cancel: &CancelHandle,
+    checkout: impl std::future::Future<Output = Result<Pooled, ClientError>>,
+) -> Result<Result<Pooled, ClientError>, Gone> {
+    tokio::pin!(checkout);
+    let mut notify_at = pool.settings.query_wait_notify.map(|t| Instant::now() + t);
+    cancel.begin_wait();
+    let result = loop {
+        tokio::select! {
+            biased;
+            r = &mut checkout => break Ok(r),
+            () = cancel.cancelled() => {
+                PoolStats::bump(&pool.stats.wait_cancelled);
+                break Ok(Err(ClientError::WaitCanceled));
+            }
+            () = until(notify_at) => {
+                notify_at = None;
+                PoolStats::bump(&pool.stats.wait_notices);
+                let waited = pool.settings.query_wait_notify.unwrap_or_default();
+                PgError::new(
+                    Severity::Notice,
+                    "00000",
+                    format!(
+                        "no server connection available yet (pool {}, tenant {}): waiting for one, {} so far",
+                        pool.key,
+                        pool.tenant,
+                        fmt_duration(waited)
+                    ),
+                )
+                .write_notice(&mut io.out);
+                if io.flush().await.is_err() {
+                    break Err(Gone);
+                }
+            }
+        }
+    };
+    cancel.end_wait();
+    result
+}
+
+/// Sleeps until `at`, or forever when there is no `at`.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Brings back a server connection whose client was disconnected inside a transaction: rolls
+/// the transaction back and resets the session (the client's SET LOCALs and the like are
+/// unknown), so the next client finds it clean. Closed instead if that fails.
+async fn clean_server(mut server: Pooled) {
+    for sql in ["ROLLBACK", "DISCARD ALL"] {
+        match tokio::time::timeout(RESET_LIMIT, server.simple_query(sql)).await {
+            Ok(Ok(None)) => {}
+            _ => {
+                server.discard();
+                return;
+            }
+        }
+    }
+    server.applied.clear();
+    server.stale.clear();
+    server.prepared.clear();
+    server.release();
 }
 
 /// Checks out a server connection and brings it to the client's settings. A connection that
@@ -244,6 +365,7 @@ fn collect_counters(pool: &Pool, view: &mut SessionView) {
     PoolStats::add(&pool.stats.prepared_hits, c.hits);
     PoolStats::add(&pool.stats.prepared_misses, c.misses);
     PoolStats::add(&pool.stats.prepared_evictions, c.evictions);
+    PoolStats::add(&pool.stats.query_timeouts, c.query_timeouts);
 }
 
 /// Returns or closes the server connection of a client that left.

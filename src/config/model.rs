@@ -34,18 +34,121 @@ pub enum AuthMethod {
     Trust,
 }
 
+/// Declares a `Raw*` table struct: its own fields, plus the keys every scope shares (global,
+/// `[databases.*]`, `[tenants.*]`, `[users.*]`), resolved with precedence
+/// user > tenant > database > global. Written once here so the four scopes cannot drift.
+macro_rules! scope_table {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident : $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Deserialize, Default)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            /// Transaction or session pooling.
+            pub pool_mode: Option<PoolMode>,
+            /// Server connections kept open per pool even when idle (pre-warmed).
+            pub min_pool_size: Option<u32>,
+            /// Extra server connections a pool may open once a client has waited
+            /// `reserve_pool_timeout`.
+            pub reserve_pool_size: Option<u32>,
+            /// Wait after which the reserve may be used.
+            #[serde(default, deserialize_with = "de_timeout")]
+            pub reserve_pool_timeout: Option<Option<Duration>>,
+            /// Bound on waiting for a server connection.
+            #[serde(default, deserialize_with = "de_timeout")]
+            pub query_wait_timeout: Option<Option<Duration>>,
+            /// A client that has waited this long for a server connection gets a NOTICE.
+            #[serde(default, deserialize_with = "de_timeout")]
+            pub query_wait_notify: Option<Option<Duration>>,
+            /// Bound on a client's login (startup + authentication).
+            #[serde(default, deserialize_with = "de_timeout")]
+            pub client_login_timeout: Option<Option<Duration>>,
+            /// A client idle (outside a transaction) this long is disconnected (57P05).
+            #[serde(default, deserialize_with = "de_timeout")]
+            pub client_idle_timeout: Option<Option<Duration>>,
+            /// A client idle inside a transaction this long is disconnected (25P03).
+            #[serde(default, deserialize_with = "de_timeout")]
+            pub idle_transaction_timeout: Option<Option<Duration>>,
+            /// A query running this long is cancelled; if it does not stop, its server connection
+            /// is closed.
+            #[serde(default, deserialize_with = "de_timeout")]
+            pub query_timeout: Option<Option<Duration>>,
+            /// Bound on connecting + logging in to the backend.
+            #[serde(default, deserialize_with = "de_timeout")]
+            pub server_connect_timeout: Option<Option<Duration>>,
+            /// Idle server connections above `min_pool_size` are closed after this long.
+            #[serde(default, deserialize_with = "de_timeout")]
+            pub server_idle_timeout: Option<Option<Duration>>,
+            /// Server connections are retired (when idle) after about this long.
+            #[serde(default, deserialize_with = "de_timeout")]
+            pub server_lifetime: Option<Option<Duration>>,
+            /// Idle time after which a server connection is checked with a round trip before
+            /// reuse.
+            #[serde(default, deserialize_with = "de_timeout")]
+            pub server_check_delay: Option<Option<Duration>>,
+        }
+
+        impl $name {
+            /// The shared keys this table sets (pool size excepted: its key differs by scope).
+            pub fn shared(&self) -> RawShared {
+                RawShared {
+                    pool_size: None,
+                    pool_mode: self.pool_mode,
+                    min_pool_size: self.min_pool_size,
+                    reserve_pool_size: self.reserve_pool_size,
+                    reserve_pool_timeout: self.reserve_pool_timeout,
+                    query_wait_timeout: self.query_wait_timeout,
+                    query_wait_notify: self.query_wait_notify,
+                    client_login_timeout: self.client_login_timeout,
+                    client_idle_timeout: self.client_idle_timeout,
+                    idle_transaction_timeout: self.idle_transaction_timeout,
+                    query_timeout: self.query_timeout,
+                    server_connect_timeout: self.server_connect_timeout,
+                    server_idle_timeout: self.server_idle_timeout,
+                    server_lifetime: self.server_lifetime,
+                    server_check_delay: self.server_check_delay,
+                }
+            }
+        }
+    };
+}
+
+/// The keys every scope may set, as one table wrote them (`None`: not set there).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct RawShared {
+    pub pool_size: Option<u32>,
+    pub pool_mode: Option<PoolMode>,
+    pub min_pool_size: Option<u32>,
+    pub reserve_pool_size: Option<u32>,
+    pub reserve_pool_timeout: Option<Option<Duration>>,
+    pub query_wait_timeout: Option<Option<Duration>>,
+    pub query_wait_notify: Option<Option<Duration>>,
+    pub client_login_timeout: Option<Option<Duration>>,
+    pub client_idle_timeout: Option<Option<Duration>>,
+    pub idle_transaction_timeout: Option<Option<Duration>>,
+    pub query_timeout: Option<Option<Duration>>,
+    pub server_connect_timeout: Option<Option<Duration>>,
+    pub server_idle_timeout: Option<Option<Duration>>,
+    pub server_lifetime: Option<Option<Duration>>,
+    pub server_check_delay: Option<Option<Duration>>,
+}
+
+scope_table! {
 /// The whole file.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// Address clients connect to, `host:port`.
     pub listen_addr: Option<String>,
-    /// Default pool mode.
-    pub pool_mode: Option<PoolMode>,
     /// Server connections per (database, user) pool unless overridden.
     pub default_pool_size: Option<u32>,
     /// Maximum client connections across the proxy.
     pub max_client_conn: Option<u32>,
+    /// Server connections per database unless overridden (unset: no cap beyond pool sizes).
+    pub max_db_connections: Option<u32>,
+    /// New server connections opened at once per database unless overridden.
+    pub server_connect_concurrency: Option<u32>,
+    /// Clients each tenant may have waiting for a server connection (unset: no cap).
+    pub max_queue: Option<u32>,
     /// Largest message accepted from a client, in bytes.
     pub max_packet_size: Option<u32>,
     /// Named prepared statements kept per server connection (transaction mode); 0 disables
@@ -55,29 +158,29 @@ pub struct RawConfig {
     pub auth_type: Option<AuthMethod>,
     /// Query run on a server connection before reuse in session mode.
     pub server_reset_query: Option<String>,
-    /// Bound on connecting + logging in to the backend.
-    #[serde(default, deserialize_with = "de_timeout")]
-    pub server_connect_timeout: Option<Option<Duration>>,
-    /// Idle time after which a server connection is checked with a round trip before reuse.
-    #[serde(default, deserialize_with = "de_timeout")]
-    pub server_check_delay: Option<Option<Duration>>,
-    /// Bound on waiting for a server connection.
-    #[serde(default, deserialize_with = "de_timeout")]
-    pub query_wait_timeout: Option<Option<Duration>>,
-    /// Bound on a client's login (startup + authentication).
-    #[serde(default, deserialize_with = "de_timeout")]
-    pub client_login_timeout: Option<Option<Duration>>,
     /// Backends, by the name clients use.
     #[serde(default)]
     pub databases: BTreeMap<String, RawDatabase>,
+    /// Groups of users sharing limits and server-connection slots.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, RawTenant>,
     /// Users allowed to connect.
     #[serde(default)]
     pub users: BTreeMap<String, RawUser>,
 }
+}
 
+impl RawConfig {
+    /// The global keys every scope may override, `default_pool_size` included.
+    pub fn shared_global(&self) -> RawShared {
+        let mut s = self.shared();
+        s.pool_size = self.default_pool_size;
+        s
+    }
+}
+
+scope_table! {
 /// One `[databases.NAME]` table.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct RawDatabase {
     /// Host name or IP; a value starting with `/` is a Unix socket directory.
     pub host: Option<String>,
@@ -87,28 +190,51 @@ pub struct RawDatabase {
     pub dbname: Option<String>,
     /// Pool size for this database's pools.
     pub pool_size: Option<u32>,
-    /// Pool mode for this database.
-    pub pool_mode: Option<PoolMode>,
+    /// Hard cap on server connections to this database, all pools together: its slots.
+    pub max_db_connections: Option<u32>,
+    /// New server connections opened at once for this database.
+    pub server_connect_concurrency: Option<u32>,
     /// Log in to the backend as this user for every client of this database.
     pub server_user: Option<String>,
     /// Password for `server_user`.
     pub server_password: Option<String>,
 }
+}
 
+scope_table! {
+/// One `[tenants.NAME]` table: a group of users (a workload) with its own limits.
+pub struct RawTenant {
+    /// Slots of each database guaranteed to this tenant while it has clients waiting.
+    pub min_server_conn: Option<u32>,
+    /// Most slots of each database this tenant may hold.
+    pub max_server_conn: Option<u32>,
+    /// Share of the slots between the guaranteed minimums, relative to other tenants.
+    pub weight: Option<u32>,
+    /// Clients of this tenant that may wait for a server connection; the next is refused.
+    pub max_queue: Option<u32>,
+    /// Client connections of this tenant's users together.
+    pub max_client_conn: Option<u32>,
+    /// Pool size for this tenant's pools.
+    pub pool_size: Option<u32>,
+}
+}
+
+scope_table! {
 /// One `[users.NAME]` table.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct RawUser {
     /// Plaintext password, `md5…` hash, or `SCRAM-SHA-256$…` verifier.
     pub password: Option<String>,
     /// Client authentication method for this user.
     pub auth: Option<AuthMethod>,
+    /// The tenant this user belongs to (unset: a tenant of its own).
+    pub tenant: Option<String>,
+    /// Client connections of this user.
+    pub max_client_conn: Option<u32>,
     /// Pool size for this user's pools.
     pub pool_size: Option<u32>,
-    /// Pool mode for this user.
-    pub pool_mode: Option<PoolMode>,
     /// Plaintext password for the backend when `password` is a hash or verifier.
     pub server_password: Option<String>,
+}
 }
 
 /// Defaults, one place, mirrored in `proxy.toml.example`.
@@ -145,4 +271,28 @@ pub mod defaults {
     pub const CLIENT_LOGIN_TIMEOUT: Option<Duration> = Some(Duration::from_secs(60));
     /// `databases.*.port`
     pub const PORT: u16 = 5432;
+    /// `server_connect_concurrency`
+    pub const SERVER_CONNECT_CONCURRENCY: u32 = 4;
+    /// `min_pool_size`
+    pub const MIN_POOL_SIZE: u32 = 0;
+    /// `reserve_pool_size`
+    pub const RESERVE_POOL_SIZE: u32 = 0;
+    /// `reserve_pool_timeout`
+    pub const RESERVE_POOL_TIMEOUT: Option<Duration> = Some(Duration::from_secs(5));
+    /// `query_wait_notify`
+    pub const QUERY_WAIT_NOTIFY: Option<Duration> = Some(Duration::from_secs(5));
+    /// `client_idle_timeout`
+    pub const CLIENT_IDLE_TIMEOUT: Option<Duration> = None;
+    /// `idle_transaction_timeout`
+    pub const IDLE_TRANSACTION_TIMEOUT: Option<Duration> = None;
+    /// `query_timeout`
+    pub const QUERY_TIMEOUT: Option<Duration> = None;
+    /// `server_idle_timeout`
+    pub const SERVER_IDLE_TIMEOUT: Option<Duration> = Some(Duration::from_secs(600));
+    /// `server_lifetime`
+    pub const SERVER_LIFETIME: Option<Duration> = Some(Duration::from_secs(3600));
+    /// `tenants.*.weight`
+    pub const WEIGHT: u32 = 1;
+    /// `tenants.*.min_server_conn`
+    pub const MIN_SERVER_CONN: u32 = 0;
 }

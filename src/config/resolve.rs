@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::model::{defaults, AuthMethod, RawConfig, RawDatabase, RawUser};
-use super::{Backend, Config, ConfigError, Database, User};
+use super::model::{defaults, AuthMethod, RawConfig, RawDatabase, RawShared, RawTenant, RawUser};
+use super::{Backend, Config, ConfigError, Database, PoolSettings, Tenant, User};
 use crate::auth::secret::{ScramVerifier, Secret};
 
 pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -29,12 +29,19 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
             "max_packet_size = {max_packet_size}: must be at least 1024 bytes"
         ));
     }
-    let default_pool_size = raw.default_pool_size.unwrap_or(defaults::DEFAULT_POOL_SIZE);
-    check_pool_size("default_pool_size", Some(default_pool_size), &mut problems);
+    let global = raw.shared_global();
+    check_pool_size("default_pool_size", global.pool_size, &mut problems);
+    let defaults = PoolSettings::builtin().overlay(&global);
     let max_client_conn = raw.max_client_conn.unwrap_or(defaults::MAX_CLIENT_CONN);
     if max_client_conn == 0 {
         problems.push("max_client_conn = 0: no client could ever connect".to_string());
     }
+    check_nonzero("max_db_connections", raw.max_db_connections, &mut problems);
+    check_nonzero(
+        "server_connect_concurrency",
+        raw.server_connect_concurrency,
+        &mut problems,
+    );
     let default_auth = raw.auth_type.unwrap_or(defaults::AUTH_TYPE);
 
     if raw.databases.is_empty() {
@@ -42,8 +49,14 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let mut databases = BTreeMap::new();
     for (name, d) in &raw.databases {
-        if let Some(db) = resolve_database(name, d, &mut problems) {
+        if let Some(db) = resolve_database(name, d, &raw, &mut problems) {
             databases.insert(name.clone(), Arc::new(db));
+        }
+    }
+    let mut tenants = BTreeMap::new();
+    for (name, t) in &raw.tenants {
+        if let Some(tenant) = resolve_tenant(name, t, &raw, &mut problems) {
+            tenants.insert(name.clone(), Arc::new(tenant));
         }
     }
     if raw.users.is_empty() {
@@ -51,8 +64,23 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let mut users = BTreeMap::new();
     for (name, u) in &raw.users {
-        if let Some(user) = resolve_user(name, u, default_auth, &mut problems) {
+        if let Some(user) = resolve_user(name, u, default_auth, &raw, &tenants, &mut problems) {
             users.insert(name.clone(), Arc::new(user));
+        }
+    }
+    check_tenants(&raw, &databases, &tenants, &users, &mut problems, &mut warnings);
+    for db in databases.values() {
+        for user in users.values() {
+            let s = defaults
+                .overlay(&db.shared)
+                .overlay(&user.tenant.shared)
+                .overlay(&user.shared);
+            if s.min_pool_size > s.pool_size {
+                problems.push(format!(
+                    "pool {}/{}: min_pool_size = {} is above its pool_size = {}",
+                    db.name, user.name, s.min_pool_size, s.pool_size
+                ));
+            }
         }
     }
     for user in users.values() {
@@ -86,21 +114,122 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
         max_prepared_statements: raw
             .max_prepared_statements
             .unwrap_or(defaults::MAX_PREPARED_STATEMENTS),
-        server_connect_timeout: raw
-            .server_connect_timeout
-            .unwrap_or(defaults::SERVER_CONNECT_TIMEOUT),
-        server_check_delay: raw.server_check_delay.unwrap_or(defaults::SERVER_CHECK_DELAY),
-        query_wait_timeout: raw.query_wait_timeout.unwrap_or(defaults::QUERY_WAIT_TIMEOUT),
-        client_login_timeout: raw.client_login_timeout.unwrap_or(defaults::CLIENT_LOGIN_TIMEOUT),
         server_reset_query: raw
             .server_reset_query
+            .clone()
             .unwrap_or_else(|| defaults::SERVER_RESET_QUERY.to_string()),
-        default_pool_size,
-        pool_mode: raw.pool_mode.unwrap_or(defaults::POOL_MODE),
         auth_type: default_auth,
+        defaults,
         databases,
+        tenants,
         users,
         warnings,
+    })
+}
+
+fn check_nonzero(what: &str, value: Option<u32>, problems: &mut Vec<String>) {
+    if value == Some(0) {
+        problems.push(format!(
+            "{what} = 0: must be at least 1 (leave it out for no cap)"
+        ));
+    }
+}
+
+/// Tenant shares must fit the databases' slots; a share no pool could ever use is reported.
+fn check_tenants(
+    raw: &RawConfig,
+    databases: &BTreeMap<String, Arc<Database>>,
+    tenants: &BTreeMap<String, Arc<Tenant>>,
+    users: &BTreeMap<String, Arc<User>>,
+    problems: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) {
+    let min_sum: u64 = tenants.values().map(|t| u64::from(t.min_server_conn)).sum();
+    for db in databases.values() {
+        if let Some(cap) = db.max_db_connections {
+            if min_sum > u64::from(cap) {
+                problems.push(format!(
+                    "the tenants' min_server_conn add up to {min_sum}, above max_db_connections = {cap} of database {}: the guarantees cannot all be kept",
+                    db.name
+                ));
+            }
+        }
+    }
+    for (name, t) in tenants {
+        if raw.users.contains_key(name) && raw.users[name].tenant.as_deref() != Some(name) {
+            problems.push(format!(
+                "tenants.{name}: a user {name:?} is not in it, and an ungrouped user forms a tenant named after itself; rename the tenant"
+            ));
+        }
+        let members: Vec<&Arc<User>> = users.values().filter(|u| u.tenant.name == *name).collect();
+        if members.is_empty() {
+            warnings.push(format!("tenants.{name}: no user has tenant = {name:?}"));
+            continue;
+        }
+        if t.min_server_conn == 0 {
+            continue;
+        }
+        for db in databases.values() {
+            let reachable: u64 = members
+                .iter()
+                .map(|u| {
+                    let s = PoolSettings::builtin()
+                        .overlay(&raw.shared_global())
+                        .overlay(&db.shared)
+                        .overlay(&u.tenant.shared)
+                        .overlay(&u.shared);
+                    u64::from(s.pool_size) + u64::from(s.reserve_pool_size)
+                })
+                .sum();
+            if reachable < u64::from(t.min_server_conn) {
+                warnings.push(format!(
+                    "tenants.{name}: min_server_conn = {} but its pools on database {} hold at most {reachable} connections (pool_size + reserve_pool_size of its users)",
+                    t.min_server_conn, db.name
+                ));
+            }
+        }
+    }
+}
+
+fn resolve_tenant(name: &str, t: &RawTenant, raw: &RawConfig, problems: &mut Vec<String>) -> Option<Tenant> {
+    let before = problems.len();
+    check_pool_size(&format!("tenants.{name}.pool_size"), t.pool_size, problems);
+    check_nonzero(
+        &format!("tenants.{name}.max_server_conn"),
+        t.max_server_conn,
+        problems,
+    );
+    check_nonzero(
+        &format!("tenants.{name}.max_client_conn"),
+        t.max_client_conn,
+        problems,
+    );
+    let weight = t.weight.unwrap_or(defaults::WEIGHT);
+    if weight == 0 {
+        problems.push(format!("tenants.{name}.weight = 0: weights start at 1"));
+    }
+    let min_server_conn = t.min_server_conn.unwrap_or(defaults::MIN_SERVER_CONN);
+    if let Some(max) = t.max_server_conn {
+        if min_server_conn > max {
+            problems.push(format!(
+                "tenants.{name}: min_server_conn = {min_server_conn} is above max_server_conn = {max}"
+            ));
+        }
+    }
+    if problems.len() > before {
+        return None;
+    }
+    let mut shared = t.shared();
+    shared.pool_size = t.pool_size;
+    Some(Tenant {
+        name: name.to_string(),
+        declared: true,
+        min_server_conn,
+        max_server_conn: t.max_server_conn,
+        weight,
+        max_queue: t.max_queue.or(raw.max_queue),
+        max_client_conn: t.max_client_conn,
+        shared,
     })
 }
 
@@ -110,9 +239,24 @@ fn check_pool_size(what: &str, size: Option<u32>, problems: &mut Vec<String>) {
     }
 }
 
-fn resolve_database(name: &str, d: &RawDatabase, problems: &mut Vec<String>) -> Option<Database> {
+fn resolve_database(
+    name: &str,
+    d: &RawDatabase,
+    raw: &RawConfig,
+    problems: &mut Vec<String>,
+) -> Option<Database> {
     let before = problems.len();
     check_pool_size(&format!("databases.{name}.pool_size"), d.pool_size, problems);
+    check_nonzero(
+        &format!("databases.{name}.max_db_connections"),
+        d.max_db_connections,
+        problems,
+    );
+    check_nonzero(
+        &format!("databases.{name}.server_connect_concurrency"),
+        d.server_connect_concurrency,
+        problems,
+    );
     let port = d.port.unwrap_or(defaults::PORT);
     let host = d.host.clone().unwrap_or_else(|| defaults::HOST.to_string());
     let backend = if host.starts_with('/') {
@@ -145,13 +289,19 @@ fn resolve_database(name: &str, d: &RawDatabase, problems: &mut Vec<String>) -> 
     if problems.len() > before {
         return None;
     }
+    let mut shared = d.shared();
+    shared.pool_size = d.pool_size;
     Some(Database {
         name: name.to_string(),
         backend,
         dbname: d.dbname.clone().unwrap_or_else(|| name.to_string()),
-        pool_size: d.pool_size,
-        pool_mode: d.pool_mode,
+        max_db_connections: d.max_db_connections.or(raw.max_db_connections),
+        server_connect_concurrency: d
+            .server_connect_concurrency
+            .or(raw.server_connect_concurrency)
+            .unwrap_or(defaults::SERVER_CONNECT_CONCURRENCY),
         server_credentials,
+        shared,
     })
 }
 
@@ -159,10 +309,38 @@ fn resolve_user(
     name: &str,
     u: &RawUser,
     default_auth: AuthMethod,
+    raw: &RawConfig,
+    tenants: &BTreeMap<String, Arc<Tenant>>,
     problems: &mut Vec<String>,
 ) -> Option<User> {
     let before = problems.len();
     check_pool_size(&format!("users.{name}.pool_size"), u.pool_size, problems);
+    check_nonzero(
+        &format!("users.{name}.max_client_conn"),
+        u.max_client_conn,
+        problems,
+    );
+    let tenant = match &u.tenant {
+        Some(t) => match tenants.get(t) {
+            Some(t) => t.clone(),
+            None => {
+                if !raw.tenants.contains_key(t) {
+                    problems.push(format!("users.{name}.tenant = {t:?}: no [tenants.{t}] table"));
+                }
+                return None;
+            }
+        },
+        None => Arc::new(Tenant {
+            name: name.to_string(),
+            declared: false,
+            min_server_conn: defaults::MIN_SERVER_CONN,
+            max_server_conn: None,
+            weight: defaults::WEIGHT,
+            max_queue: raw.max_queue,
+            max_client_conn: None,
+            shared: RawShared::default(),
+        }),
+    };
     let auth = u.auth.unwrap_or(default_auth);
     let secret = match u.password.as_deref().map(Secret::parse) {
         None => None,
@@ -194,13 +372,16 @@ fn resolve_user(
     if problems.len() > before {
         return None;
     }
+    let mut shared = u.shared();
+    shared.pool_size = u.pool_size;
     Some(User {
         name: name.to_string(),
         auth,
         secret,
         scram,
         server_password,
-        pool_size: u.pool_size,
-        pool_mode: u.pool_mode,
+        tenant,
+        max_client_conn: u.max_client_conn,
+        shared,
     })
 }

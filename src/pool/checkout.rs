@@ -1,5 +1,5 @@
-//! Checkout: take an idle connection, open a new one within the pool size, or queue (FIFO)
-//! until one is handed over, bounded by the caller's deadline.
+//! Checkout: take an idle connection, open a new one in a free slot, or queue (FIFO within
+//! the pool, fair across tenants) until one is handed over, bounded by the caller's deadline.
 
 use std::sync::Arc;
 
@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::guard::Pooled;
-use super::state::{Grant, Take};
+use super::slots::{Grant, QueueFull, Take};
 use super::{health, lock, Pool, PoolKey, PoolStats};
 use crate::server::{self, ServerConn, ServerError};
 
@@ -15,12 +15,27 @@ use crate::server::{self, ServerConn, ServerError};
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutError {
     /// The deadline passed while queued.
-    #[error("timed out after {waited} waiting for a server connection (pool {pool})")]
+    #[error("timed out after {waited} waiting for a server connection (pool {pool}, tenant {tenant}){}",
+        if *.backend_full { "; the backend refuses new connections: too many clients already" } else { "" })]
     WaitTimeout {
         /// The pool.
         pool: PoolKey,
+        /// Its tenant.
+        tenant: String,
         /// How long the client waited, formatted.
         waited: String,
+        /// The backend's last answer to a login was "too many clients".
+        backend_full: bool,
+    },
+    /// The tenant's queue is full (`max_queue`): refused at once.
+    #[error("too many clients waiting for a server connection: tenant {tenant} has {max_queue} queued (max_queue = {max_queue}, pool {pool})")]
+    QueueFull {
+        /// The pool.
+        pool: PoolKey,
+        /// Its tenant.
+        tenant: String,
+        /// The tenant's `max_queue`.
+        max_queue: u32,
     },
     /// The backend is down (restarting, crashed, unreachable) and did not come back in time.
     #[error("backend {backend} unavailable for {down_for} (pool {pool}): {last_error}")]
@@ -55,28 +70,43 @@ impl Pool {
         PoolStats::bump(&self.stats.checkouts);
         let started = Instant::now();
         if self.health.verifying() {
-            let limit = self.connect_timeout.unwrap_or(std::time::Duration::from_secs(5));
-            self.health.wait_verified(limit, deadline).await;
+            self.health.wait_verified(self.connect_limit(), deadline).await;
         }
         loop {
             let step = {
-                let mut st = lock(&self.state);
-                match st.take() {
+                let mut st = self.db.lock();
+                match st.take(self.idx) {
                     Take::Idle(c) => Step::Use(c),
                     Take::Connect => Step::Connect,
-                    Take::Wait => {
-                        let (id, rx) = st.enqueue();
-                        Step::Wait(WaitGuard {
+                    Take::Replace(victim) => Step::Replace(victim),
+                    Take::Wait => match st.enqueue(self.idx) {
+                        Ok((id, rx)) => Step::Wait(WaitGuard {
                             pool: self.clone(),
                             id,
+                            since: Instant::now(),
                             rx: Some(rx),
-                        })
-                    }
+                        }),
+                        Err(QueueFull { max_queue }) => Step::Full(max_queue),
+                    },
                 }
             };
             let grant = match step {
                 Step::Use(c) => Grant::Conn(c),
                 Step::Connect => Grant::Slot,
+                Step::Replace(victim) => {
+                    // An idle connection of another pool gave up its slot for this one.
+                    PoolStats::bump(&self.stats.slots_taken_over);
+                    self.terminate(victim);
+                    Grant::Slot
+                }
+                Step::Full(max_queue) => {
+                    PoolStats::bump(&self.stats.queue_full);
+                    return Err(CheckoutError::QueueFull {
+                        pool: self.key.clone(),
+                        tenant: self.tenant.to_string(),
+                        max_queue,
+                    });
+                }
                 Step::Wait(guard) => {
                     PoolStats::bump(&self.stats.queued);
                     let grant = guard.wait(deadline).await;
@@ -92,10 +122,7 @@ impl Pool {
                             if self.health.outage().is_some() {
                                 return Err(self.outage_error(started));
                             }
-                            return Err(CheckoutError::WaitTimeout {
-                                pool: self.key.clone(),
-                                waited: fmt_secs(waited),
-                            });
+                            return Err(self.wait_timeout(started));
                         }
                     }
                 }
@@ -111,6 +138,23 @@ impl Pool {
         }
     }
 
+    /// Bound on waiting for a verification login.
+    fn connect_limit(&self) -> std::time::Duration {
+        self.settings
+            .server_connect_timeout
+            .unwrap_or(std::time::Duration::from_secs(5))
+    }
+
+    /// The error for a client whose wait ended while the backend is up.
+    fn wait_timeout(&self, started: Instant) -> CheckoutError {
+        CheckoutError::WaitTimeout {
+            pool: self.key.clone(),
+            tenant: self.tenant.to_string(),
+            waited: fmt_secs(started.elapsed()),
+            backend_full: self.db.is_full(),
+        }
+    }
+
     /// Checks an idle connection before handing it out: not from before a backend failure,
     /// nothing unsolicited to read (EOF or a FATAL), and — after `server_check_delay` of
     /// idleness — answering a round trip. A dead one is closed and `None` returned: the caller
@@ -119,21 +163,29 @@ impl Pool {
         if self.health.verifying() {
             // Another connection just failed: learn whether the backend is going away (then
             // this one is retired below) before handing this one out.
-            let limit = self.connect_timeout.unwrap_or(std::time::Duration::from_secs(5));
-            self.health.wait_verified(limit, None).await;
+            self.health.wait_verified(self.connect_limit(), None).await;
         }
-        let alive = c.generation == self.health.generation() && c.rbuf.is_empty() && c.stream.is_quiet();
+        let retired = c.retire_at.is_some_and(|at| Instant::now() >= at);
+        let alive =
+            !retired && c.generation == self.health.generation() && c.rbuf.is_empty() && c.stream.is_quiet();
         let suspicion = self.suspicion();
-        let must_answer =
-            c.checked_at < suspicion || self.check_delay.is_some_and(|d| c.last_used.elapsed() >= d);
+        let must_answer = c.checked_at < suspicion
+            || self
+                .settings
+                .server_check_delay
+                .is_some_and(|d| c.last_used.elapsed() >= d);
         let alive = alive && (!must_answer || matches!(c.simple_query("").await, Ok(None)));
         if alive {
             c.checked_at = suspicion;
             return Some(c);
         }
-        self.suspect_idle();
+        if retired {
+            PoolStats::bump(&self.stats.servers_retired);
+        } else {
+            self.suspect_idle();
+            PoolStats::bump(&self.stats.dead_on_checkout);
+        }
         tracing::debug!(pool = %self.key, server = c.id, "idle server connection is dead or retired; replacing it");
-        PoolStats::bump(&self.stats.dead_on_checkout);
         self.close(c);
         None
     }
@@ -179,8 +231,26 @@ impl Pool {
             match self.login().await {
                 Ok(conn) => {
                     drop(probe);
-                    lock(&self.state).connected();
+                    self.db.lock().connected(self.idx);
                     return Ok(Pooled::new(self.clone(), conn));
+                }
+                Err(e) if health::is_backend_full(&e) => {
+                    // The backend is up but full: not an outage, and not the client's error.
+                    // Keep the slot, space the attempts out, and give up at the deadline.
+                    drop(probe);
+                    PoolStats::bump(&self.stats.server_login_failures);
+                    self.db.backend_full();
+                    tracing::warn!(pool = %self.key, error = %e, "backend has no room for another connection; backing off");
+                    if let Some(until) = self.db.full_until() {
+                        if deadline.is_some_and(|d| until >= d) {
+                            if let Some(d) = deadline {
+                                tokio::time::sleep_until(d).await;
+                            }
+                            self.db.lock().slot_freed(self.idx, true);
+                            return Err(self.wait_timeout(started));
+                        }
+                        tokio::time::sleep_until(until).await;
+                    }
                 }
                 Err(e) if health::is_transient(&e) => {
                     PoolStats::bump(&self.stats.server_login_failures);
@@ -202,7 +272,7 @@ impl Pool {
                 Err(source) => {
                     drop(probe);
                     PoolStats::bump(&self.stats.server_login_failures);
-                    lock(&self.state).slot_freed(true);
+                    self.db.lock().slot_freed(self.idx, true);
                     tracing::warn!(pool = %self.key, error = %source, "server login failed");
                     return Err(CheckoutError::Connect {
                         pool: self.key.clone(),
@@ -217,8 +287,16 @@ impl Pool {
     /// that was down) retires every older connection.
     pub(super) async fn login(self: &Arc<Self>) -> Result<ServerConn, ServerError> {
         let suspicion = self.suspicion();
-        let mut conn = server::connect(&self.target, &self.credentials(), self.connect_timeout).await?;
+        let turn = self.db.login_turn().await;
+        let mut conn = server::connect(
+            &self.target,
+            &self.credentials(),
+            self.settings.server_connect_timeout,
+        )
+        .await?;
         let identity = conn.query_text(IDENTITY_QUERY).await?;
+        drop(turn);
+        self.db.backend_has_room();
         if self.suspicion() != suspicion {
             // Another connection died while this one logged in (a restart signals every
             // backend at once): prove this one survived before a client uses it.
@@ -232,6 +310,10 @@ impl Pool {
         }
         conn.generation = self.health.generation();
         conn.checked_at = suspicion;
+        conn.retire_at = self
+            .settings
+            .server_lifetime
+            .map(|l| Instant::now() + lifetime_jitter(l));
         PoolStats::bump(&self.stats.server_logins);
         *lock(&self.params) = Some(conn.login_params.clone());
         tracing::debug!(pool = %self.key, server = conn.id, "server connection opened");
@@ -241,7 +323,7 @@ impl Pool {
     /// The slot reserved for a connection that will not be opened goes back; the error names
     /// the outage (57P03 if the backend last said it is starting up, else 08006).
     fn give_up(&self, started: Instant) -> CheckoutError {
-        lock(&self.state).slot_freed(true);
+        self.db.lock().slot_freed(self.idx, true);
         self.outage_error(started)
     }
 
@@ -256,10 +338,7 @@ impl Pool {
                 last_error: o.last_error,
             },
             // Back up just now: the client still waited its whole wait.
-            None => CheckoutError::WaitTimeout {
-                pool: self.key.clone(),
-                waited: fmt_secs(started.elapsed()),
-            },
+            None => self.wait_timeout(started),
         }
     }
 }
@@ -272,6 +351,8 @@ const IDENTITY_QUERY: &str = "SELECT pg_catalog.pg_postmaster_start_time()::text
 enum Step {
     Use(ServerConn),
     Connect,
+    Replace(ServerConn),
+    Full(u32),
     Wait(WaitGuard),
 }
 
@@ -280,15 +361,29 @@ enum Step {
 struct WaitGuard {
     pool: Arc<Pool>,
     id: u64,
+    since: Instant,
     rx: Option<oneshot::Receiver<Grant<ServerConn>>>,
 }
 
 impl WaitGuard {
     async fn wait(mut self, deadline: Option<Instant>) -> Option<Grant<ServerConn>> {
+        let settings = &self.pool.settings;
+        let mut reserve_at = match (settings.reserve_pool_size, settings.reserve_pool_timeout) {
+            (0, _) | (_, None) => None,
+            (_, Some(t)) => Some(self.since + t),
+        };
         let rx = self.rx.as_mut()?;
-        let res = match deadline {
-            None => rx.await.ok(),
-            Some(d) => tokio::time::timeout_at(d, rx).await.ok().and_then(Result::ok),
+        let res = loop {
+            tokio::select! {
+                biased;
+                r = &mut *rx => break r.ok(),
+                () = until(deadline) => break None,
+                () = until(reserve_at) => {
+                    // Waited long enough: the pool may grow into its reserve.
+                    reserve_at = None;
+                    self.pool.db.lock().open_reserve(self.pool.idx, self.since);
+                }
+            }
         };
         if res.is_some() {
             self.rx = None;
@@ -297,20 +392,43 @@ impl WaitGuard {
     }
 }
 
+/// Sleeps until `at`, or forever when there is no `at`.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Drop for WaitGuard {
     fn drop(&mut self) {
         let Some(mut rx) = self.rx.take() else { return };
-        let mut st = lock(&self.pool.state);
-        if st.remove_waiter(self.id) {
+        let mut st = self.pool.db.lock();
+        if st.remove_waiter(self.pool.idx, self.id) {
             return;
         }
         // Served between the deadline and now: pass the grant on.
         match rx.try_recv() {
-            Ok(Grant::Conn(c)) => st.give_back(c),
-            Ok(Grant::Slot) => st.slot_freed(true),
+            Ok(Grant::Conn(c)) => {
+                if let Some(c) = st.give_back(self.pool.idx, c) {
+                    drop(st);
+                    self.pool.terminate(c);
+                }
+            }
+            Ok(Grant::Slot) => st.slot_freed(self.pool.idx, true),
             Err(_) => {}
         }
     }
+}
+
+/// A connection's lifetime: `server_lifetime` minus up to a tenth, so connections opened
+/// together are not all retired together.
+fn lifetime_jitter(d: std::time::Duration) -> std::time::Duration {
+    let tenth = u64::try_from((d / 10).as_nanos()).unwrap_or(u64::MAX);
+    if tenth == 0 {
+        return d;
+    }
+    d - std::time::Duration::from_nanos(rand::random::<u64>() % tenth)
 }
 
 fn fmt_secs(d: std::time::Duration) -> String {

@@ -43,6 +43,12 @@ impl Pooled {
             self.pool.close(conn);
             return;
         }
+        if conn.retire_at.is_some_and(|at| conn.last_used >= at) {
+            // Past `server_lifetime`, and idle now: retire it.
+            super::PoolStats::bump(&self.pool.stats.servers_retired);
+            self.pool.close(conn);
+            return;
+        }
         if !conn.rbuf.is_empty() {
             // Bytes after the final ReadyForQuery: the connection is out of step; never reuse.
             self.pool.close(conn);

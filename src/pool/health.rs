@@ -1,5 +1,5 @@
 //! Is the backend up? What a pool knows about its backend's availability: marked down by
-//! failed logins (connection refused, "starting up", "too many clients", 08xxx), a crash
+//! failed logins (connection refused, "starting up", 08xxx), a crash
 //! (57P02), or a changed identity; probed back with exponential backoff and jitter, one attempt
 //! at a time. A generation number retires every connection from before a failure.
 
@@ -25,7 +25,6 @@ pub fn is_transient(e: &ServerError) -> bool {
         ServerError::LoginRefused(err) | ServerError::Fatal(err) => {
             let code = err.code();
             code == sqlstate::CANNOT_CONNECT_NOW
-                || code == sqlstate::TOO_MANY_CONNECTIONS
                 || code == sqlstate::ADMIN_SHUTDOWN
                 || code == "57P02"
                 || code.starts_with("08")
@@ -35,6 +34,14 @@ pub fn is_transient(e: &ServerError) -> bool {
         | ServerError::Protocol(_)
         | ServerError::Unexpected(_) => false,
     }
+}
+
+/// Whether a failed login means the backend is up but has no room for another connection
+/// (53300 "too many clients already", or a role's connection limit): a capacity signal, not
+/// an outage. Clients keep waiting while logins back off.
+pub fn is_backend_full(e: &ServerError) -> bool {
+    matches!(e, ServerError::LoginRefused(err) | ServerError::Fatal(err)
+        if err.code() == sqlstate::TOO_MANY_CONNECTIONS)
 }
 
 /// The SQLSTATE a transient failure should be reported with at a client's deadline: 57P03
@@ -219,7 +226,8 @@ mod tests {
     #[test]
     fn classifies_login_failures() {
         assert!(is_transient(&refused("57P03")));
-        assert!(is_transient(&refused("53300")));
+        assert!(!is_transient(&refused("53300")));
+        assert!(is_backend_full(&refused("53300")));
         assert!(is_transient(&refused("08006")));
         assert!(is_transient(&ServerError::Closed));
         assert!(!is_transient(&refused("28P01")));

@@ -1,11 +1,14 @@
-//! The pool's background task: watches idle server connections and closes the ones that
-//! died (EOF, or an unsolicited FATAL such as an administrator's shutdown) or belong to a
-//! retired generation, so dead connections are gone before anyone asks for one.
+//! The pool's background task, once a second: closes idle connections that died (EOF, or an
+//! unsolicited FATAL such as an administrator's shutdown), belong to a retired generation,
+//! reached `server_lifetime`, or sat idle past `server_idle_timeout` above `min_pool_size`;
+//! then opens connections up to `min_pool_size`, one at a time, when a slot is free.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::{lock, Pool, PoolStats};
+use tokio::time::Instant;
+
+use super::{Pool, PoolStats};
 
 /// How often idle connections are checked.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -17,19 +20,93 @@ pub async fn run(pool: Weak<Pool>) {
     loop {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
-        evict_dead_idle(&pool);
+        evict_idle(&pool);
+        warm_up(&pool).await;
     }
 }
 
-/// Closes idle connections that are readable (EOF or an unsolicited message) or retired.
-fn evict_dead_idle(pool: &Pool) {
+/// Why an idle connection is closed.
+enum Evict {
+    Dead,
+    Retired,
+    IdleTooLong,
+}
+
+/// Closes idle connections that are readable (EOF or an unsolicited message), retired, past
+/// their lifetime, or idle too long.
+fn evict_idle(pool: &Pool) {
     let generation = pool.health.generation();
-    // A non-blocking peek per idle connection: cheap enough to run under the lock.
-    let dead = lock(&pool.state)
-        .take_idle_where(|c| c.generation != generation || !c.rbuf.is_empty() || !c.stream.is_quiet());
-    for c in dead {
-        tracing::debug!(pool = %pool.key, server = c.id, "idle server connection died; closing it");
-        PoolStats::bump(&pool.stats.dead_on_checkout);
-        pool.close(c);
+    let now = Instant::now();
+    let idle_limit = pool.settings.server_idle_timeout;
+    let mut evicted = Vec::new();
+    {
+        let mut st = pool.db.lock();
+        let counts = st.counts(pool.idx);
+        let open = counts.idle + counts.active + counts.connecting;
+        // Idle-timeout closes stop at min_pool_size.
+        let mut may_close_idle = open.saturating_sub(pool.settings.min_pool_size);
+        // A non-blocking peek per idle connection: cheap enough to run under the lock.
+        let rejected = st.take_idle_where(pool.idx, |c| {
+            let why = if c.generation != generation || !c.rbuf.is_empty() || !c.stream.is_quiet() {
+                Some(Evict::Dead)
+            } else if c.retire_at.is_some_and(|at| now >= at) {
+                Some(Evict::Retired)
+            } else if may_close_idle > 0 && idle_limit.is_some_and(|l| now.duration_since(c.last_used) >= l) {
+                may_close_idle -= 1;
+                Some(Evict::IdleTooLong)
+            } else {
+                None
+            };
+            match why {
+                Some(w) => {
+                    evicted.push(w);
+                    true
+                }
+                None => false,
+            }
+        });
+        drop(st);
+        for (c, why) in rejected.into_iter().zip(evicted) {
+            match why {
+                Evict::Dead => {
+                    tracing::debug!(pool = %pool.key, server = c.id, "idle server connection died; closing it");
+                    PoolStats::bump(&pool.stats.dead_on_checkout);
+                }
+                Evict::Retired => {
+                    tracing::debug!(pool = %pool.key, server = c.id, "server connection reached server_lifetime; closing it");
+                    PoolStats::bump(&pool.stats.servers_retired);
+                }
+                Evict::IdleTooLong => {
+                    tracing::debug!(pool = %pool.key, server = c.id, "server connection idle past server_idle_timeout; closing it");
+                    PoolStats::bump(&pool.stats.servers_idle_closed);
+                }
+            }
+            pool.close(c);
+        }
+    }
+}
+
+/// Opens connections up to `min_pool_size` while the backend is up and nobody else waits for
+/// a slot, one at a time.
+async fn warm_up(pool: &Arc<Pool>) {
+    let min = pool.settings.min_pool_size;
+    while min > 0 && pool.health.outage().is_none() && !pool.db.is_full() {
+        let c = pool.counts();
+        if c.idle + c.active + c.connecting >= min || !pool.db.lock().reserve_for_warmup(pool.idx) {
+            return;
+        }
+        match pool.login().await {
+            Ok(conn) => {
+                pool.db.lock().connected(pool.idx);
+                PoolStats::bump(&pool.stats.servers_warmed);
+                pool.checkin(conn);
+            }
+            Err(e) => {
+                tracing::debug!(pool = %pool.key, error = %e, "could not pre-warm a server connection");
+                PoolStats::bump(&pool.stats.server_login_failures);
+                pool.db.lock().slot_freed(pool.idx, true);
+                return;
+            }
+        }
     }
 }

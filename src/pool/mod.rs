@@ -1,33 +1,37 @@
 //! Server-connection pools, one per (database, user): where a client waits for a server.
 //!
 //! `checkout` hands out a `Pooled` guard owning a `ServerConn`; the guard returns it on
-//! `release` (clean) or closes it on `discard`/drop. The state lives behind a sync mutex that is
-//! never held across an `.await`; waiters are FIFO and cancel-safe. No protocol I/O happens
-//! under the lock.
+//! `release` (clean) or closes it on `discard`/drop. The pools of one database share its
+//! slots (`slots.rs`: idle lists, FIFO queues, tenant shares) behind one sync mutex that is
+//! never held across an `.await`; waiters are cancel-safe. No protocol I/O happens under the
+//! lock.
 
 mod checkout;
+pub mod database;
+pub mod grants;
 mod guard;
 pub mod health;
 pub mod key;
 mod maintenance;
-pub mod state;
+pub mod slots;
 pub mod stats;
+pub mod tenant;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 pub use checkout::CheckoutError;
+pub use database::DbSlots;
 pub use guard::Pooled;
 pub use key::PoolKey;
-pub use state::Counts;
+pub use slots::Counts;
 pub use stats::PoolStats;
 
 use crate::auth::secret::Secret;
-use crate::config::{Config, Database, PoolSettings, User};
+use crate::config::{Config, Database, PoolSettings, Tenant, User};
 use crate::proto::backend::PgError;
 use crate::server::{LoginCredentials, ServerConn, ServerParams, ServerTarget};
-use state::PoolState;
+use tenant::{Capped, TenantState};
 
 /// Whether a (name, value) session setting is accepted by the backend, learned once.
 #[derive(Debug, Clone)]
@@ -43,15 +47,18 @@ pub enum Verdict {
 pub struct Pool {
     /// Its identity.
     pub key: PoolKey,
-    /// Size and mode.
+    /// Size, mode, timeouts.
     pub settings: PoolSettings,
+    /// Its tenant's name.
+    pub tenant: std::sync::Arc<str>,
+    /// The slots it shares with the other pools of its database.
+    pub db: Arc<DbSlots>,
+    /// Its index in `db`'s slots.
+    idx: usize,
     target: ServerTarget,
     configured_creds: LoginCredentials,
     /// Credentials learned from a client's SCRAM proof (pass-through), when none are configured.
     learned_creds: Mutex<Option<LoginCredentials>>,
-    connect_timeout: Option<Duration>,
-    /// Idle time after which a connection is checked with a round trip before handout.
-    check_delay: Option<Duration>,
     /// The backend's availability.
     pub health: health::Health,
     /// Bumped whenever a server connection is lost: idle connections verified before it are
@@ -59,11 +66,8 @@ pub struct Pool {
     suspicion: std::sync::atomic::AtomicU64,
     /// Woken when a connection comes back or closes while the pool is paused.
     released: tokio::sync::Notify,
-    /// Bound on waiting for a server connection.
-    pub query_wait_timeout: Option<Duration>,
     /// Query run before a session-mode connection is reused.
     pub reset_query: String,
-    state: Mutex<PoolState<ServerConn>>,
     /// Counters.
     pub stats: PoolStats,
     params: Mutex<Option<Arc<ServerParams>>>,
@@ -76,9 +80,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Pool {
-    /// Builds the pool for (db, user) from the config snapshot.
-    pub fn new(config: &Config, db: &Database, user: &User) -> Pool {
+    /// Builds the pool for (db, user) from the config snapshot, joining `slots` (the
+    /// database's) as a pool of `tenant`.
+    pub fn new(
+        config: &Config,
+        db: &Database,
+        user: &User,
+        slots: Arc<DbSlots>,
+        tenant: Arc<TenantState>,
+    ) -> Pool {
         let settings = config.pool_settings(db, user);
+        let tenant_name: Arc<str> = Arc::from(user.tenant.name.as_str());
+        let idx = slots.add_pool(&user.tenant, tenant, &settings);
         let (server_user, creds) = match (&db.server_credentials, &user.server_password) {
             (Some((u, p)), _) => (u.clone(), LoginCredentials::Password(p.clone())),
             (None, Some(p)) => (user.name.clone(), LoginCredentials::Password(p.clone())),
@@ -92,8 +105,10 @@ impl Pool {
                 database: db.name.clone(),
                 user: user.name.clone(),
             },
-            state: Mutex::new(PoolState::new(settings.pool_size)),
             settings,
+            tenant: tenant_name,
+            db: slots,
+            idx,
             target: ServerTarget {
                 backend: Arc::new(db.backend.clone()),
                 dbname: db.dbname.clone(),
@@ -102,9 +117,6 @@ impl Pool {
             },
             configured_creds: creds,
             learned_creds: Mutex::new(None),
-            connect_timeout: config.server_connect_timeout,
-            query_wait_timeout: config.query_wait_timeout,
-            check_delay: config.server_check_delay,
             health: health::Health::default(),
             released: tokio::sync::Notify::new(),
             suspicion: std::sync::atomic::AtomicU64::new(0),
@@ -154,12 +166,12 @@ impl Pool {
 
     /// Connection counts now.
     pub fn counts(&self) -> Counts {
-        lock(&self.state).counts()
+        self.db.lock().counts(self.idx)
     }
 
     /// Closes every idle connection (shutdown, reconnect).
     pub fn close_idle(&self) {
-        let conns = lock(&self.state).drain_idle();
+        let conns = self.db.lock().drain_idle(self.idx);
         for c in conns {
             self.close(c);
         }
@@ -184,17 +196,20 @@ impl Pool {
     /// Stops handing out connections at once (what `pause` starts with), so several pools can
     /// be paused together before waiting for each to drain.
     pub fn begin_pause(&self) {
-        lock(&self.state).set_paused(true);
+        self.db.lock().set_paused(self.idx, true);
     }
 
     /// Ends a pause: waiting clients are served in order.
     pub fn resume(&self) {
-        lock(&self.state).set_paused(false);
+        let closed = self.db.lock().set_paused(self.idx, false);
+        for c in closed {
+            self.terminate(c);
+        }
     }
 
     /// Whether the pool is paused.
     pub fn paused(&self) -> bool {
-        lock(&self.state).paused()
+        self.db.lock().paused(self.idx)
     }
 
     /// Retires every server connection: idle ones now, busy ones when they come back (an
@@ -226,12 +241,12 @@ impl Pool {
         self.server_failed(err);
         self.health.begin_verify();
         // The dead connection's slot now counts as a connection being opened.
-        lock(&self.state).reopening();
+        self.db.lock().reopening(self.idx);
         let pool = self.clone();
         tokio::spawn(async move {
             match pool.login().await {
                 Ok(conn) => {
-                    lock(&pool.state).connected();
+                    pool.db.lock().connected(pool.idx);
                     pool.checkin(conn);
                 }
                 Err(e) => {
@@ -241,7 +256,7 @@ impl Pool {
                         tracing::warn!(pool = %pool.key, error = %e, "backend unavailable; holding clients and probing with backoff");
                         pool.close_idle();
                     }
-                    lock(&pool.state).slot_freed(true);
+                    pool.db.lock().slot_freed(pool.idx, true);
                 }
             }
             pool.health.end_verify();
@@ -259,39 +274,53 @@ impl Pool {
         self.suspicion.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Closes a connection and frees its slot for the next waiter.
-    fn close(&self, mut conn: ServerConn) {
-        conn.terminate_nowait();
-        drop(conn);
-        PoolStats::bump(&self.stats.servers_closed);
+    /// Closes a connection and frees its slot for whoever needs it next.
+    fn close(&self, conn: ServerConn) {
+        self.terminate(conn);
         let paused = {
-            let mut st = lock(&self.state);
-            st.slot_freed(false);
-            st.paused()
+            let mut st = self.db.lock();
+            st.slot_freed(self.idx, false);
+            st.paused(self.idx)
         };
         if paused {
             self.released.notify_waiters();
         }
     }
 
-    /// A clean connection goes back: to the first waiter, or the idle list.
+    /// Closes a connection whose slot is already accounted for.
+    fn terminate(&self, mut conn: ServerConn) {
+        conn.terminate_nowait();
+        drop(conn);
+        PoolStats::bump(&self.stats.servers_closed);
+    }
+
+    /// A clean connection goes back: to another pool if its slot should move there, to the
+    /// first waiter, or to the idle list.
     fn checkin(&self, conn: ServerConn) {
-        let paused = {
-            let mut st = lock(&self.state);
-            st.give_back(conn);
-            st.paused()
+        let (closed, paused) = {
+            let mut st = self.db.lock();
+            let closed = st.give_back(self.idx, conn);
+            (closed, st.paused(self.idx))
         };
+        if let Some(c) = closed {
+            PoolStats::bump(&self.stats.slots_given_up);
+            self.terminate(c);
+        }
         if paused {
             self.released.notify_waiters();
         }
     }
 }
 
-/// All pools of one config snapshot, created on first use.
+/// All pools of one config snapshot, created on first use, with what they share: each
+/// database's slots, each tenant's and user's counters.
 #[derive(Debug)]
 pub struct Pools {
     config: Arc<Config>,
     pools: Mutex<BTreeMap<PoolKey, Arc<Pool>>>,
+    databases: Mutex<BTreeMap<String, Arc<DbSlots>>>,
+    tenants: Mutex<BTreeMap<String, Arc<TenantState>>>,
+    users: Mutex<BTreeMap<String, Arc<Capped>>>,
 }
 
 impl Pools {
@@ -300,6 +329,9 @@ impl Pools {
         Pools {
             config,
             pools: Mutex::new(BTreeMap::new()),
+            databases: Mutex::new(BTreeMap::new()),
+            tenants: Mutex::new(BTreeMap::new()),
+            users: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -315,18 +347,65 @@ impl Pools {
             user: user.name.clone(),
         };
         let mut pools = lock(&self.pools);
-        pools
-            .entry(key)
-            .or_insert_with(|| {
-                let pool = Arc::new(Pool::new(&self.config, db, user));
-                tokio::spawn(maintenance::run(Arc::downgrade(&pool)));
-                pool
-            })
+        if let Some(p) = pools.get(&key) {
+            return p.clone();
+        }
+        let slots = self.database(db);
+        let tenant = self.tenant(&user.tenant);
+        let pool = Arc::new(Pool::new(&self.config, db, user, slots, tenant));
+        tokio::spawn(maintenance::run(Arc::downgrade(&pool)));
+        pools.insert(key, pool.clone());
+        pool
+    }
+
+    /// The slots of database `db`, created if needed.
+    pub fn database(&self, db: &Database) -> Arc<DbSlots> {
+        lock(&self.databases)
+            .entry(db.name.clone())
+            .or_insert_with(|| Arc::new(DbSlots::new(db)))
+            .clone()
+    }
+
+    /// The shared counters of `tenant`, created if needed.
+    pub fn tenant(&self, tenant: &Tenant) -> Arc<TenantState> {
+        lock(&self.tenants)
+            .entry(tenant.name.clone())
+            .or_insert_with(|| Arc::new(TenantState::with_caps(tenant.max_queue, tenant.max_client_conn)))
+            .clone()
+    }
+
+    /// The client count of `user`, against its `max_client_conn`.
+    pub fn user_clients(&self, user: &User) -> Arc<Capped> {
+        lock(&self.users)
+            .entry(user.name.clone())
+            .or_insert_with(|| Arc::new(Capped::new(user.max_client_conn)))
             .clone()
     }
 
     /// Every pool, for inspection.
     pub fn all(&self) -> Vec<Arc<Pool>> {
         lock(&self.pools).values().cloned().collect()
+    }
+
+    /// Every database's slots, for inspection.
+    pub fn databases(&self) -> Vec<Arc<DbSlots>> {
+        lock(&self.databases).values().cloned().collect()
+    }
+
+    /// Creates the pools that keep connections open with no client (`min_pool_size`), where
+    /// the proxy can log in on its own (a configured password).
+    pub fn prewarm(&self) {
+        let config = self.config.clone();
+        for db in config.databases.values() {
+            for user in config.users.values() {
+                let s = config.pool_settings(db, user);
+                let can_login = db.server_credentials.is_some()
+                    || user.server_password.is_some()
+                    || matches!(user.secret, Some(Secret::Md5(_)));
+                if s.min_pool_size > 0 && can_login {
+                    self.get(db, user);
+                }
+            }
+        }
     }
 }

@@ -35,6 +35,30 @@ pub struct PoolStats {
     /// Requests moved to another server connection because theirs died before any of their
     /// bytes were sent.
     pub transparent_retries: AtomicU64,
+    /// Server connections retired after `server_lifetime`.
+    pub servers_retired: AtomicU64,
+    /// Idle server connections closed after `server_idle_timeout`.
+    pub servers_idle_closed: AtomicU64,
+    /// Server connections opened ahead of demand (`min_pool_size`).
+    pub servers_warmed: AtomicU64,
+    /// Connections closed on release so their slot could go to another pool.
+    pub slots_given_up: AtomicU64,
+    /// Checkouts that took over the slot of another pool's idle connection.
+    pub slots_taken_over: AtomicU64,
+    /// Clients refused at once because their tenant's queue was full (`max_queue`).
+    pub queue_full: AtomicU64,
+    /// Queued clients that cancelled their wait (CancelRequest).
+    pub wait_cancelled: AtomicU64,
+    /// Waiting clients sent a `query_wait_notify` NOTICE.
+    pub wait_notices: AtomicU64,
+    /// Queries cancelled by `query_timeout`.
+    pub query_timeouts: AtomicU64,
+    /// Server connections closed because a query did not stop after its cancel.
+    pub query_timeout_closes: AtomicU64,
+    /// Clients disconnected by `idle_transaction_timeout`.
+    pub idle_transaction_timeouts: AtomicU64,
+    /// Clients disconnected by `client_idle_timeout`.
+    pub client_idle_timeouts: AtomicU64,
     /// Prepared statements a server connection already had.
     pub prepared_hits: AtomicU64,
     /// Prepared statements that had to be (re-)prepared on a server connection.

@@ -12,6 +12,7 @@
 
 mod expect;
 mod requests;
+mod timers;
 mod view;
 
 use std::future::poll_fn;
@@ -22,14 +23,16 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::io::poll_read_buf;
 
+pub use timers::Timers;
 pub use view::{SessionView, StatementCounters};
 
 use crate::proto::backend::{parse_parameter_status, PgError, Severity};
 use crate::proto::frame::{parse_header, HEADER_LEN};
 use crate::proto::{ProtoError, Reader};
-use crate::server::ServerConn;
+use crate::server::{CancelTarget, ServerConn};
 use expect::Route;
 use requests::{Flags, Step};
+use timers::{Expired, Phase};
 
 /// Bytes reserved per read.
 const READ_CHUNK: usize = 32 * 1024;
@@ -77,7 +80,15 @@ pub enum Outcome {
         client_skip: usize,
         /// Extended-protocol messages were forwarded after the last Sync.
         unsynced: bool,
+        /// The relay gave up on it: a query ran past `query_timeout` and did not stop after a
+        /// cancel. The connection is alive but busy: close it.
+        timed_out: bool,
     },
+    /// The client sat idle inside a transaction past `idle_transaction_timeout`. The server
+    /// connection is still in that transaction, with nothing outstanding.
+    IdleInTransaction,
+    /// A session-mode client sat idle past `client_idle_timeout`; the server is clean.
+    ClientIdle,
     /// The client broke the protocol or sent an oversized message.
     ClientProtocol(ProtoError),
 }
@@ -95,17 +106,22 @@ pub struct ClientIo<C> {
     pub max_body: usize,
 }
 
-/// Relays until the outcome, keeping `view` (the client's session) up to date.
+/// Relays until the outcome, keeping `view` (the client's session) up to date and enforcing
+/// the `timers`' limits.
 pub async fn relay<C>(
     client: &mut ClientIo<C>,
     server: &mut ServerConn,
     mode: Mode,
     view: &mut SessionView,
+    mut timers: Option<&mut Timers>,
 ) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     view.clear_owed();
+    if let Some(t) = timers.as_deref_mut() {
+        t.start();
+    }
     let mut st = State {
         mode,
         flags: Flags {
@@ -120,6 +136,7 @@ where
         fatal: None,
         undelivered: false,
         view,
+        timers,
     };
     poll_fn(|cx| st.poll(cx, client, server)).await
 }
@@ -138,6 +155,7 @@ struct State<'v> {
     /// The FATAL was kept back (no request pending).
     undelivered: bool,
     view: &'v mut SessionView,
+    timers: Option<&'v mut Timers>,
 }
 
 enum Scan {
@@ -160,6 +178,44 @@ impl State<'_> {
     }
 
     fn server_gone(&mut self) -> Poll<Outcome> {
+        self.server_outcome(false)
+    }
+
+    /// What the timers measure right now.
+    fn phase(&self) -> Phase {
+        if !self.view.expect.is_empty() || self.s_skip > 0 {
+            Phase::Busy
+        } else if self.view.tx_status == b'I' {
+            Phase::Idle
+        } else {
+            Phase::IdleInTransaction
+        }
+    }
+
+    /// Checks the timeouts before waiting; `Some` ends the relay.
+    fn poll_timers(&mut self, cx: &mut Context<'_>, server: &ServerConn) -> Option<Poll<Outcome>> {
+        let phase = self.phase();
+        let timers = self.timers.as_deref_mut()?;
+        loop {
+            match timers.poll(cx, phase) {
+                Poll::Pending => return None,
+                Poll::Ready(Expired::QueryCancel) => {
+                    tracing::info!(server = server.id, "query_timeout passed; cancelling the query");
+                    self.view.counters.query_timeouts += 1;
+                    CancelTarget::of(server).send();
+                    // Loop: arms the grace period.
+                }
+                Poll::Ready(Expired::QueryGiveUp) => return Some(self.server_outcome(true)),
+                Poll::Ready(Expired::IdleInTransaction) => {
+                    self.view.clear_owed();
+                    return Some(Poll::Ready(Outcome::IdleInTransaction));
+                }
+                Poll::Ready(Expired::ClientIdle) => return Some(Poll::Ready(Outcome::ClientIdle)),
+            }
+        }
+    }
+
+    fn server_outcome(&mut self, timed_out: bool) -> Poll<Outcome> {
         let pending = self
             .view
             .expect
@@ -174,6 +230,7 @@ impl State<'_> {
             tx_status: self.view.tx_status,
             client_skip: self.c_skip,
             unsynced: self.flags.unsynced,
+            timed_out,
         })
     }
 
@@ -254,6 +311,11 @@ impl State<'_> {
                 }
             }
             if !progress {
+                if self.fatal.is_none() {
+                    if let Some(done) = self.poll_timers(cx, server) {
+                        return done;
+                    }
+                }
                 return Poll::Pending;
             }
         }

@@ -19,6 +19,8 @@ pub struct StatementCounters {
     pub misses: u64,
     /// Statements closed on a server to stay within `max_prepared_statements`.
     pub evictions: u64,
+    /// Queries cancelled by `query_timeout`.
+    pub query_timeouts: u64,
 }
 
 /// A client's session as the proxy keeps it.

@@ -97,6 +97,8 @@ pub struct ServerConn {
     pub created: Instant,
     /// When it last went back to the pool.
     pub last_used: Instant,
+    /// When the pool retires it (`server_lifetime`, with jitter); checked when idle.
+    pub retire_at: Option<Instant>,
     /// The pool's backend generation it belongs to: connections from before a backend
     /// failure are retired instead of reused.
     pub generation: u64,

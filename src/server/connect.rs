@@ -111,6 +111,7 @@ async fn connect_unbounded(
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         created: Instant::now(),
         last_used: Instant::now(),
+        retire_at: None,
         generation: 0,
         checked_at: 0,
         cancel_gate: Arc::new(CancelGate::default()),
