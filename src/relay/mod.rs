@@ -26,6 +26,7 @@ use tokio_util::io::poll_read_buf;
 pub use timers::Timers;
 pub use view::{SessionView, StatementCounters};
 
+use crate::config::duration::fmt_duration;
 use crate::proto::backend::{parse_parameter_status, PgError, Severity};
 use crate::proto::frame::{parse_header, HEADER_LEN};
 use crate::proto::{ProtoError, Reader};
@@ -447,7 +448,23 @@ impl State<'_> {
                         self.fatal = Some(err);
                         continue;
                     }
-                    expect::on_server_message(self.view, server, b'E', None)
+                    let route = expect::on_server_message(self.view, server, b'E', None);
+                    let limit = self.timers.as_deref().and_then(Timers::cancelled_after);
+                    if let (Route::Forward, Some(limit), "57014") = (&route, limit, err.code()) {
+                        // The cancel was pgsluice's own: say so instead of "user request".
+                        PgError::new(
+                            Severity::Error,
+                            "57014",
+                            format!(
+                                "canceling statement due to query_timeout ({})",
+                                fmt_duration(limit)
+                            ),
+                        )
+                        .write_error(&mut client.out);
+                        server.rbuf.advance(h.total_len());
+                        continue;
+                    }
+                    route
                 }
                 (b'C', Some(b)) => {
                     let tag = expect::Tag::of(Reader::new(b).cstr("command tag")?);

@@ -70,6 +70,11 @@ impl Timers {
         })
     }
 
+    /// `query_timeout`, if this relay sent a cancel because of it.
+    pub fn cancelled_after(&self) -> Option<Duration> {
+        self.cancel_sent.and(self.query)
+    }
+
     /// A new relay starts: nothing is being timed yet.
     pub fn start(&mut self) {
         self.phase = None;
