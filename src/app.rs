@@ -68,21 +68,16 @@ impl Proxy {
     /// Pauses every pool (SIGUSR1): transactions in flight finish, new ones wait within their
     /// wait timeout, then all server connections are closed. Returns when that is done.
     pub async fn pause_all(&self) {
-        let pools = self.pools.all();
-        // Every pool stops handing out connections first; then each drains.
-        for p in &pools {
-            p.begin_pause();
-        }
-        for p in &pools {
+        // Every pool stops handing out connections first (pools created meanwhile start
+        // paused); then each drains.
+        for p in self.pools.begin_pause_all() {
             p.pause().await;
         }
     }
 
     /// Resumes every pool (SIGUSR2).
     pub fn resume_all(&self) {
-        for p in self.pools.all() {
-            p.resume();
-        }
+        self.pools.resume_all();
     }
 
     /// Retires every server connection (idle ones now, busy ones as they come back).

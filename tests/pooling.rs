@@ -310,3 +310,27 @@ async fn a_block_lost_with_its_server_connection_ends_only_with_rollback() {
         "one backend, not a restart"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_created_while_everything_is_paused_starts_paused() {
+    let db = TestDb::new("pause_new");
+    let proxy = Arc::new(start_proxy(&db.config("query_wait_notify = \"off\"", "")).await);
+    // Paused before the pool exists (no client yet).
+    proxy.pause_all().await;
+    let url = db.url(&proxy);
+    let login = tokio::spawn(async move { connect(&url).await });
+    // The client's login needs a server connection: it waits in the new, paused pool.
+    assert!(
+        eventually(LIMIT, || proxy
+            .pools()
+            .all()
+            .first()
+            .is_some_and(|p| p.paused() && p.counts().waiting == 1))
+        .await
+    );
+    assert_eq!(db.backend_connections(), 0);
+    proxy.resume_all();
+    let client = tokio::time::timeout(LIMIT, login).await.unwrap().unwrap();
+    let r = client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(first_value(&r).as_deref(), Some("1"));
+}

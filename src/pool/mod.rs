@@ -321,6 +321,9 @@ pub struct Pools {
     databases: Mutex<BTreeMap<String, Arc<DbSlots>>>,
     tenants: Mutex<BTreeMap<String, Arc<TenantState>>>,
     users: Mutex<BTreeMap<String, Arc<Capped>>>,
+    /// Every pool is paused (SIGUSR1): pools created meanwhile start paused too. Read and
+    /// written under the `pools` lock.
+    all_paused: std::sync::atomic::AtomicBool,
 }
 
 impl Pools {
@@ -332,6 +335,31 @@ impl Pools {
             databases: Mutex::new(BTreeMap::new()),
             tenants: Mutex::new(BTreeMap::new()),
             users: Mutex::new(BTreeMap::new()),
+            all_paused: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Pauses every pool, and the ones created from now on, until `resume_all`; returns the
+    /// existing pools (to wait for them to drain).
+    pub fn begin_pause_all(&self) -> Vec<Arc<Pool>> {
+        let pools = lock(&self.pools);
+        self.all_paused.store(true, std::sync::atomic::Ordering::Release);
+        let all: Vec<Arc<Pool>> = pools.values().cloned().collect();
+        for p in &all {
+            p.begin_pause();
+        }
+        all
+    }
+
+    /// Ends `begin_pause_all`: every pool resumes.
+    pub fn resume_all(&self) {
+        let all: Vec<Arc<Pool>> = {
+            let pools = lock(&self.pools);
+            self.all_paused.store(false, std::sync::atomic::Ordering::Release);
+            pools.values().cloned().collect()
+        };
+        for p in all {
+            p.resume();
         }
     }
 
@@ -353,6 +381,9 @@ impl Pools {
         let slots = self.database(db);
         let tenant = self.tenant(&user.tenant);
         let pool = Arc::new(Pool::new(&self.config, db, user, slots, tenant));
+        if self.all_paused.load(std::sync::atomic::Ordering::Acquire) {
+            pool.begin_pause();
+        }
         tokio::spawn(maintenance::run(Arc::downgrade(&pool)));
         pools.insert(key, pool.clone());
         pool
