@@ -546,3 +546,111 @@ async fn backend_refusing_logins_holds_the_client_then_answers_53300() {
     let r = c.simple_query("select 1").await.unwrap();
     assert_eq!(first_value(&r).as_deref(), Some("1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_abandoned_while_opening_a_server_connection_frees_its_slot() {
+    let db = TestDb::new("to_leak");
+    cluster()
+        .psql("postgres", &format!("ALTER ROLE {} CONNECTION LIMIT 0", db.user))
+        .unwrap();
+    // The login needs a server connection; the backend refuses it; the client's own login
+    // timeout ends the attempt long before its wait would.
+    let proxy = start_proxy(&db.config(
+        "default_pool_size = 1\nquery_wait_timeout = \"60s\"\nclient_login_timeout = \"500ms\"",
+        "auth = \"trust\"",
+    ))
+    .await;
+    let Err(err) = try_connect(&db.url(&proxy)).await else {
+        panic!("the login cannot succeed")
+    };
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("57014"), "{err}");
+    // The slot reserved for that connection is free again, not held by nobody forever.
+    let pool = only_pool(&proxy);
+    assert!(
+        eventually(LIMIT, || {
+            let c = pool.counts();
+            c.connecting + c.active + c.idle == 0
+        })
+        .await,
+        "{:?}",
+        pool.counts()
+    );
+    assert_eq!(pool.db.used(), 0);
+    cluster()
+        .psql("postgres", &format!("ALTER ROLE {} CONNECTION LIMIT -1", db.user))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_left_unfinished_is_cut_off_by_idle_transaction_timeout() {
+    let db = TestDb::new("to_stall");
+    let proxy = start_proxy(&db.config(
+        "default_pool_size = 1\nidle_transaction_timeout = \"300ms\"",
+        "auth = \"trust\"",
+    ))
+    .await;
+    let url = db.url(&proxy);
+    let b = connect(&url).await;
+    b.simple_query("select 1").await.unwrap();
+    let mut a = raw_login(&proxy, &db).await;
+    // A Query header announcing 100 bytes, then only 3 of them: the proxy holds the pool's
+    // only server connection for a request that never completes.
+    let mut partial = vec![b'Q'];
+    partial.extend_from_slice(&104u32.to_be_bytes());
+    partial.extend_from_slice(b"sel");
+    a.send(&partial).await;
+    let m = a.recv().await.expect("an ErrorResponse before EOF");
+    assert_eq!(m.tag, b'E', "{m:?}");
+    assert_eq!(m.code(), "25P03", "{m:?}");
+    assert!(a.recv().await.is_none(), "closed after the FATAL");
+    // The only server connection is free again (none of the partial request reached it, so
+    // it was cleaned and kept): the next client is served.
+    let r = tokio::time::timeout(LIMIT, b.simple_query("select 2"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first_value(&r).as_deref(), Some("2"));
+    let pool = only_pool(&proxy);
+    assert_eq!(stat(&pool.stats.idle_transaction_timeouts), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_left_without_sync_is_cut_off_and_its_server_closed() {
+    let db = TestDb::new("to_nosync");
+    let proxy = start_proxy(&db.config(
+        "default_pool_size = 1\nidle_transaction_timeout = \"300ms\"",
+        "auth = \"trust\"",
+    ))
+    .await;
+    let url = db.url(&proxy);
+    let b = connect(&url).await;
+    b.simple_query("select 1").await.unwrap();
+    let mut a = raw_login(&proxy, &db).await;
+    // Parse, Bind, Execute reach the server, but no Sync follows: the server connection is
+    // mid-request and cannot be cleaned with a ROLLBACK.
+    let mut pipeline = raw::parse("", "select 1");
+    pipeline.extend(raw::bind(""));
+    pipeline.extend(raw::execute());
+    a.send(&pipeline).await;
+    let mut saw = Vec::new();
+    let fatal = loop {
+        let m = a.recv().await.expect("an ErrorResponse before EOF");
+        if m.tag == b'E' {
+            break m;
+        }
+        saw.push(m.tag);
+    };
+    assert_eq!(fatal.code(), "25P03", "{fatal:?} after {saw:?}");
+    assert!(a.recv().await.is_none(), "closed after the FATAL");
+    let r = tokio::time::timeout(LIMIT, b.simple_query("select 2"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first_value(&r).as_deref(), Some("2"));
+    let pool = only_pool(&proxy);
+    assert_eq!(
+        stat(&pool.stats.servers_closed),
+        1,
+        "the unsynced connection was closed"
+    );
+}

@@ -24,6 +24,8 @@ use crate::settings::Settings;
 /// A backstop on replacing server connections that die before any client byte reached them
 /// (the client's deadline is the real bound).
 const MAX_TRANSPARENT_RETRIES: usize = 1000;
+/// Bound on writing a FATAL to a client that was idle.
+const FATAL_FLUSH_LIMIT: Duration = Duration::from_secs(1);
 /// Bound on the session-mode reset query.
 const RESET_LIMIT: Duration = Duration::from_secs(10);
 
@@ -115,17 +117,24 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
                 server.discard();
                 return fatal(io, ClientError::Protocol(e)).await;
             }
-            Outcome::IdleInTransaction => {
+            Outcome::IdleInTransaction { server_clean } => {
                 PoolStats::bump(&s.pool.stats.idle_transaction_timeouts);
                 let limit = limits.idle_transaction_timeout.unwrap_or_default();
-                clean_server(server).await;
-                return fatal(io, ClientError::IdleInTransaction(limit)).await;
+                // The client hears first; then the server is cleaned (or closed).
+                let told = fatal_within(io, ClientError::IdleInTransaction(limit)).await;
+                if server_clean {
+                    clean_server(server).await;
+                } else {
+                    server.discard();
+                }
+                return told;
             }
-            Outcome::ClientIdle => {
+            Outcome::ClientIdle { server_clean } => {
                 PoolStats::bump(&s.pool.stats.client_idle_timeouts);
                 let limit = limits.client_idle_timeout.unwrap_or_default();
-                finish_server(server, true, mode).await;
-                return fatal(io, ClientError::IdleTimeout(limit)).await;
+                let told = fatal_within(io, ClientError::IdleTimeout(limit)).await;
+                finish_server(server, server_clean, mode).await;
+                return told;
             }
             Outcome::ServerGone {
                 error_sent,
@@ -460,6 +469,17 @@ async fn skip_bytes<C: AsyncRead + AsyncWrite + Unpin>(
         n -= k;
     }
     Ok(())
+}
+
+/// Sends a FATAL to a client that may not be reading (it was idle), for at most a second: the
+/// server connection it held must not wait on it.
+async fn fatal_within<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    e: ClientError,
+) -> Result<(), Gone> {
+    tokio::time::timeout(FATAL_FLUSH_LIMIT, fatal(io, e))
+        .await
+        .unwrap_or(Err(Gone))
 }
 
 /// Sends a FATAL and ends the session.

@@ -129,9 +129,13 @@ impl Pool {
             };
             match grant {
                 Grant::Conn(c) => {
-                    if let Some(c) = self.vet(c).await {
-                        return Ok(Pooled::new(self.clone(), c));
+                    // Owned by a guard from here: if this checkout is dropped mid-check, the
+                    // connection is closed and its slot freed.
+                    let mut conn = Pooled::new(self.clone(), c);
+                    if self.vet(&mut conn).await {
+                        return Ok(conn);
                     }
+                    conn.discard();
                 }
                 Grant::Slot => return self.open_new(deadline, started).await,
             }
@@ -157,9 +161,9 @@ impl Pool {
 
     /// Checks an idle connection before handing it out: not from before a backend failure,
     /// nothing unsolicited to read (EOF or a FATAL), and — after `server_check_delay` of
-    /// idleness — answering a round trip. A dead one is closed and `None` returned: the caller
-    /// takes another, and the client never notices.
-    async fn vet(self: &Arc<Self>, mut c: ServerConn) -> Option<ServerConn> {
+    /// idleness — answering a round trip. False for a dead one: the caller closes it and takes
+    /// another, and the client never notices.
+    async fn vet(self: &Arc<Self>, c: &mut ServerConn) -> bool {
         if self.health.verifying() {
             // Another connection just failed: learn whether the backend is going away (then
             // this one is retired below) before handing this one out.
@@ -177,7 +181,7 @@ impl Pool {
         let alive = alive && (!must_answer || matches!(c.simple_query("").await, Ok(None)));
         if alive {
             c.checked_at = suspicion;
-            return Some(c);
+            return true;
         }
         if retired {
             PoolStats::bump(&self.stats.servers_retired);
@@ -186,8 +190,7 @@ impl Pool {
             PoolStats::bump(&self.stats.dead_on_checkout);
         }
         tracing::debug!(pool = %self.key, server = c.id, "idle server connection is dead or retired; replacing it");
-        self.close(c);
-        None
+        false
     }
 
     /// Opens a connection in a slot already reserved for it. While the backend is down, this
@@ -198,6 +201,11 @@ impl Pool {
         deadline: Option<Instant>,
         started: Instant,
     ) -> Result<Pooled, CheckoutError> {
+        // Freed on every way out but success, including this future being dropped.
+        let reservation = Reservation {
+            pool: self,
+            armed: true,
+        };
         let mut held = false;
         loop {
             let probe = if self.health.outage().is_some() {
@@ -228,10 +236,18 @@ impl Pool {
             } else {
                 None
             };
-            match self.login().await {
+            let attempt = match deadline {
+                None => self.login().await,
+                Some(d) => match tokio::time::timeout_at(d, self.login()).await {
+                    Ok(r) => r,
+                    // Waiting for a login turn, or the login itself, outlasted the deadline.
+                    Err(_) => return Err(self.give_up(started)),
+                },
+            };
+            match attempt {
                 Ok(conn) => {
                     drop(probe);
-                    self.db.lock().connected(self.idx);
+                    reservation.connected();
                     return Ok(Pooled::new(self.clone(), conn));
                 }
                 Err(e) if health::is_backend_full(&e) => {
@@ -246,7 +262,6 @@ impl Pool {
                             if let Some(d) = deadline {
                                 tokio::time::sleep_until(d).await;
                             }
-                            self.db.lock().slot_freed(self.idx, true);
                             return Err(self.wait_timeout(started));
                         }
                         tokio::time::sleep_until(until).await;
@@ -272,7 +287,6 @@ impl Pool {
                 Err(source) => {
                     drop(probe);
                     PoolStats::bump(&self.stats.server_login_failures);
-                    self.db.lock().slot_freed(self.idx, true);
                     tracing::warn!(pool = %self.key, error = %source, "server login failed");
                     return Err(CheckoutError::Connect {
                         pool: self.key.clone(),
@@ -320,10 +334,9 @@ impl Pool {
         Ok(conn)
     }
 
-    /// The slot reserved for a connection that will not be opened goes back; the error names
-    /// the outage (57P03 if the backend last said it is starting up, else 08006).
+    /// The error for a client that gives up opening a connection at its deadline: it names the
+    /// outage (57P03 if the backend last said it is starting up, else 08006), if any.
     fn give_up(&self, started: Instant) -> CheckoutError {
-        self.db.lock().slot_freed(self.idx, true);
         self.outage_error(started)
     }
 
@@ -381,7 +394,10 @@ impl WaitGuard {
                 () = until(reserve_at) => {
                     // Waited long enough: the pool may grow into its reserve.
                     reserve_at = None;
-                    self.pool.db.lock().open_reserve(self.pool.idx, self.since);
+                    let taken_over = self.pool.db.lock().open_reserve(self.pool.idx, self.since);
+                    for c in taken_over {
+                        self.pool.terminate(c);
+                    }
                 }
             }
         };
@@ -415,8 +431,35 @@ impl Drop for WaitGuard {
                     self.pool.terminate(c);
                 }
             }
-            Ok(Grant::Slot) => st.slot_freed(self.pool.idx, true),
+            Ok(Grant::Slot) => {
+                drop(st);
+                self.pool.free_slot(true);
+            }
             Err(_) => {}
+        }
+    }
+}
+
+/// A slot reserved for a connection being opened. Dropped without `connected` (an error, the
+/// deadline, or the checkout itself dropped: a client gone, a cancel, a login timeout), it
+/// frees the slot for the next waiter.
+struct Reservation<'a> {
+    pool: &'a Pool,
+    armed: bool,
+}
+
+impl Reservation<'_> {
+    /// The connection is logged in: its slot stays taken.
+    fn connected(mut self) {
+        self.armed = false;
+        self.pool.db.lock().connected(self.pool.idx);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.pool.free_slot(true);
         }
     }
 }

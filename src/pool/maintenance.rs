@@ -1,7 +1,8 @@
 //! The pool's background task, once a second: closes idle connections that died (EOF, or an
 //! unsolicited FATAL such as an administrator's shutdown), belong to a retired generation,
 //! reached `server_lifetime`, or sat idle past `server_idle_timeout` above `min_pool_size`;
-//! then opens connections up to `min_pool_size`, one at a time, when a slot is free.
+//! hands the slots of idle connections to other pools whose clients wait; then opens
+//! connections up to `min_pool_size`, one at a time, when a slot is free.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -21,6 +22,7 @@ pub async fn run(pool: Weak<Pool>) {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         evict_idle(&pool);
+        hand_over_idle(&pool);
         warm_up(&pool).await;
     }
 }
@@ -86,6 +88,17 @@ fn evict_idle(pool: &Pool) {
     }
 }
 
+/// Gives the slots of connections still idle at this tick to pools of the database whose
+/// clients wait for one, whatever the shares: a quiet tenant's connections do not sit idle
+/// while others wait.
+fn hand_over_idle(pool: &Pool) {
+    let taken_over = pool.db.lock().hand_over_idle(true);
+    for c in taken_over {
+        PoolStats::bump(&pool.stats.slots_given_up);
+        pool.terminate(c);
+    }
+}
+
 /// Opens connections up to `min_pool_size` while the backend is up and nobody else waits for
 /// a slot, one at a time.
 async fn warm_up(pool: &Arc<Pool>) {
@@ -104,7 +117,7 @@ async fn warm_up(pool: &Arc<Pool>) {
             Err(e) => {
                 tracing::debug!(pool = %pool.key, error = %e, "could not pre-warm a server connection");
                 PoolStats::bump(&pool.stats.server_login_failures);
-                pool.db.lock().slot_freed(pool.idx, true);
+                pool.free_slot(true);
                 return;
             }
         }

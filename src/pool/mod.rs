@@ -256,7 +256,7 @@ impl Pool {
                         tracing::warn!(pool = %pool.key, error = %e, "backend unavailable; holding clients and probing with backoff");
                         pool.close_idle();
                     }
-                    pool.db.lock().slot_freed(pool.idx, true);
+                    pool.free_slot(true);
                 }
             }
             pool.health.end_verify();
@@ -277,9 +277,15 @@ impl Pool {
     /// Closes a connection and frees its slot for whoever needs it next.
     fn close(&self, conn: ServerConn) {
         self.terminate(conn);
+        self.free_slot(false);
+    }
+
+    /// A slot of this pool is free (a connection closed, or one being opened was not): it goes
+    /// to whoever needs it next, and a pause waiting for the pool to drain is told.
+    fn free_slot(&self, was_connecting: bool) {
         let paused = {
             let mut st = self.db.lock();
-            st.slot_freed(self.idx, false);
+            st.slot_freed(self.idx, was_connecting);
             st.paused(self.idx)
         };
         if paused {

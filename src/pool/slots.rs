@@ -12,7 +12,12 @@
 //!   share releases a connection while a tenant under its share waits, the connection is
 //!   closed and its slot given to the waiting tenant (a connection is logged in as one role,
 //!   so slots move between pools, connections do not);
-//! - an idle connection is never kept while another pool of the database waits for a slot.
+//! - an idle connection does not sit while another pool of the database waits for a slot: its
+//!   slot moves at once within a tenant, to a tenant below its minimum or holding nothing, or
+//!   to one under its share relative to the idle connection's tenant; otherwise it is kept for
+//!   its own tenant's next client, and the maintenance tick moves it if it is still idle then
+//!   (`hand_over_idle`);
+//! - a tenant at its `max_server_conn` moves slots between its own pools the same way.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -192,15 +197,17 @@ impl<T> Slots<T> {
             self.record(p, How::Idle);
             return Take::Idle(c);
         }
-        if !self.may_grow(p) {
-            return Take::Wait;
-        }
-        if self.used < self.capacity {
+        if self.may_grow(p) && self.used < self.capacity {
             self.reserve_slot(p);
             self.record(p, How::Slot);
             return Take::Connect;
         }
-        match self.steal_idle(p) {
+        // Full (the database, or the tenant's max_server_conn): take over an idle connection's
+        // slot where the sharing rules allow.
+        if !self.could_grow_with_a_moved_slot(p) {
+            return Take::Wait;
+        }
+        match self.steal_idle(p, false) {
             Some(victim) => {
                 self.reserve_slot(p);
                 self.record(p, How::Moved);
@@ -227,6 +234,31 @@ impl<T> Slots<T> {
         self.pools.get(p).is_some_and(|pool| !pool.waiters.is_empty()) && self.may_grow(p)
     }
 
+    /// Whether pool `p` could use a slot moved from some other pool: below its own size,
+    /// not paused (its tenant's cap is checked per giver: a move within the tenant keeps it).
+    fn could_grow_with_a_moved_slot(&self, p: usize) -> bool {
+        self.pools
+            .get(p)
+            .is_some_and(|pool| !pool.paused && pool.open < pool.limit())
+    }
+
+    /// Whether pool `q` has clients waiting that a slot moved from pool `p` would serve: `q`
+    /// can grow within its own size, and within its tenant's cap unless both pools belong to
+    /// one tenant.
+    fn could_take_from(&self, p: usize, q: usize) -> bool {
+        self.pools.get(q).is_some_and(|x| !x.waiters.is_empty()) && self.may_take_from(p, q)
+    }
+
+    /// Whether pool `q` may hold a slot moved from pool `p` (waiters aside).
+    fn may_take_from(&self, p: usize, q: usize) -> bool {
+        let (Some(pp), Some(pq)) = (self.pools.get(p), self.pools.get(q)) else {
+            return false;
+        };
+        q != p
+            && self.could_grow_with_a_moved_slot(q)
+            && (pq.tenant == pp.tenant || self.tenants.get(pq.tenant).is_some_and(|t| t.used < t.max))
+    }
+
     fn reserve_slot(&mut self, p: usize) {
         self.used += 1;
         if let Some(pool) = self.pools.get_mut(p) {
@@ -250,11 +282,15 @@ impl<T> Slots<T> {
         }
     }
 
-    /// Takes an idle connection from another pool, the one whose tenant is most over its
-    /// share, and gives up its slot.
-    fn steal_idle(&mut self, p: usize) -> Option<T> {
+    /// Takes an idle connection from another pool for pool `p` and gives up its slot: the
+    /// one whose tenant is most over its share, among those the sharing rules let go (all of
+    /// them with `any`, for connections idle through a maintenance tick).
+    fn steal_idle(&mut self, p: usize, any: bool) -> Option<T> {
+        let taker = self.load(p);
         let victim = (0..self.pools.len())
             .filter(|&q| q != p && self.pools.get(q).is_some_and(|x| !x.idle.is_empty()))
+            .filter(|&q| self.may_take_from(q, p))
+            .filter(|&q| any || self.load(q).should_yield_idle_to(&taker))
             .max_by(|&a, &b| self.load(a).cmp_load(&self.load(b)))?;
         let conn = self.pools.get_mut(victim)?.idle.pop()?;
         self.release_slot(victim);
@@ -375,9 +411,21 @@ impl<T> Slots<T> {
             }
         }
         let over_size = self.pools.get(p).is_some_and(|pool| pool.open > pool.size);
-        let wanted_elsewhere = (0..self.pools.len()).any(|q| q != p && self.wants_slot(q));
-        if over_size || (wanted_elsewhere && self.used >= self.capacity) {
+        // Nobody of this pool waits: its slot goes where the sharing rules say it is needed
+        // more than here (a connection idle through a maintenance tick goes to anyone waiting).
+        let giver = self.load(p);
+        let wanted_elsewhere = (0..self.pools.len())
+            .any(|q| self.could_take_from(p, q) && giver.should_yield_idle_to(&self.load(q)));
+        if over_size || wanted_elsewhere {
             self.release_slot(p);
+            if wanted_elsewhere {
+                if let Some(q) = (0..self.pools.len())
+                    .filter(|&q| self.could_take_from(p, q))
+                    .min_by(|&a, &b| self.load(a).cmp_need(&self.load(b)))
+                {
+                    self.grant_slot(q, How::Moved);
+                }
+            }
             self.grant_free_slots();
             return Some(conn);
         }
@@ -391,16 +439,14 @@ impl<T> Slots<T> {
     /// itself has clients waiting: only when the database is full, and only to a tenant under
     /// its share (with a margin of one connection, so slots do not ping-pong).
     fn rebalance_target(&self, p: usize) -> Option<usize> {
-        if self.used < self.capacity {
-            return None;
-        }
         let pool = self.pools.get(p)?;
-        if pool.waiters.is_empty() {
+        let tenant_full = self.tenants.get(pool.tenant).is_some_and(|t| t.used >= t.max);
+        if (self.used < self.capacity && !tenant_full) || pool.waiters.is_empty() {
             return None;
         }
         let giver = self.load(p);
         (0..self.pools.len())
-            .filter(|&q| q != p && self.wants_slot(q))
+            .filter(|&q| self.could_take_from(p, q))
             .filter(|&q| giver.should_yield_to(&self.load(q), self.pools.get(q).map_or(0, |x| x.open)))
             .min_by(|&a, &b| self.load(a).cmp_need(&self.load(b)))
     }
@@ -462,14 +508,42 @@ impl<T> Slots<T> {
     }
 
     /// Pool `p`'s first client has waited `reserve_pool_timeout` (`since` at most): the pool
-    /// may grow by its reserve while clients wait.
-    pub fn open_reserve(&mut self, p: usize, since: Instant) {
-        let Some(pool) = self.pools.get_mut(p) else { return };
+    /// may grow by its reserve while clients wait. Returns idle connections of other pools
+    /// whose slots were taken over (to close).
+    pub fn open_reserve(&mut self, p: usize, since: Instant) -> Vec<T> {
+        let Some(pool) = self.pools.get_mut(p) else {
+            return Vec::new();
+        };
         if pool.reserve == 0 || pool.waiters.front().is_none_or(|w| w.since > since) {
-            return;
+            return Vec::new();
         }
         pool.reserve_open = true;
         self.grant_free_slots();
+        self.hand_over_idle(false)
+    }
+
+    /// Gives the slots of idle connections to pools whose clients wait for one (the
+    /// connections are returned, to be closed). With `any`, regardless of shares: run by the
+    /// maintenance tick, so a connection of a quiet tenant idles at most that long while
+    /// others wait.
+    pub fn hand_over_idle(&mut self, any: bool) -> Vec<T> {
+        let mut victims = Vec::new();
+        for _ in 0..self.pools.len().saturating_mul(4) {
+            let Some(q) = (0..self.pools.len())
+                .filter(|&q| {
+                    self.pools.get(q).is_some_and(|x| !x.waiters.is_empty())
+                        && self.could_grow_with_a_moved_slot(q)
+                })
+                .min_by(|&a, &b| self.load(a).cmp_need(&self.load(b)))
+            else {
+                break;
+            };
+            let Some(v) = self.steal_idle(q, any) else { break };
+            victims.push(v);
+            self.grant_slot(q, How::Moved);
+            self.grant_free_slots();
+        }
+        victims
     }
 
     /// Pauses or resumes handing out pool `p`'s connections. On resume, queued waiters get
@@ -488,6 +562,7 @@ impl<T> Slots<T> {
             closed.extend(self.give_back(p, conn));
         }
         self.grant_free_slots();
+        closed.extend(self.hand_over_idle(false));
         closed
     }
 
@@ -598,6 +673,20 @@ impl Load {
             .cmp(&other.below_min())
             .reverse()
             .then_with(|| self.cmp_excess(other))
+    }
+
+    /// Whether this pool's idle connection (nobody of its pool waits) should give its slot to
+    /// `taker`'s waiting clients: always within one tenant; across tenants when the taker is
+    /// below its minimum or holds nothing at all or, after the move, still at or below this tenant's share per weight
+    /// (so a tenant at its share keeps an idle connection for its next client instead of
+    /// closing and reopening one at every lull).
+    fn should_yield_idle_to(&self, taker: &Load) -> bool {
+        if self.tenant == taker.tenant || taker.below_min() || taker.used == 0 {
+            return true;
+        }
+        let a = (i64::from(taker.used) + 1 - i64::from(taker.min)) * i64::from(self.weight);
+        let b = (i64::from(self.used) - 1 - i64::from(self.min)) * i64::from(taker.weight);
+        a <= b
     }
 
     /// Whether this pool (with clients of its own waiting) should give the slot of a
@@ -822,6 +911,61 @@ mod tests {
         let loads = s.tenant_loads();
         assert_eq!(loads[0].1, 6);
         assert_eq!(loads[1].1, 2);
+    }
+
+    #[test]
+    fn pools_of_a_tenant_at_its_max_share_its_slots() {
+        let mut s = Slots::<u32>::new(u32::MAX);
+        let t = Share {
+            name: "t".into(),
+            min: 0,
+            max: 2,
+            weight: 1,
+        };
+        let x = s.add_pool(t.clone(), Arc::new(TenantState::new(None)), 5, 0);
+        let y = s.add_pool(t, Arc::new(TenantState::new(None)), 5, 0);
+        connect(&mut s, x);
+        connect(&mut s, x);
+        assert!(s.give_back(x, 1).is_none());
+        assert!(s.give_back(x, 2).is_none());
+        // The tenant is at its max with both connections idle in x: y takes one over.
+        assert!(matches!(s.take(y), Take::Replace(_)));
+        s.connected(y);
+        // Under load: x's clients queue, and so do y's; x releasing with its own waiters
+        // still gives y its even share.
+        let _x1 = s.enqueue(x).unwrap();
+        assert!(matches!(s.take(x), Take::Wait));
+        let (_, mut y1) = s.enqueue(y).unwrap();
+        let (_, mut y2) = s.enqueue(y).unwrap();
+        assert!(
+            s.give_back(y, 3).is_none(),
+            "y has waiters and holds no more than x"
+        );
+        assert!(matches!(y1.try_recv().unwrap(), Grant::Conn(3)));
+        assert!(y2.try_recv().is_err());
+        assert_eq!(
+            (s.counts(x).idle + s.counts(x).active, s.counts(y).active),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn a_tenant_at_its_share_keeps_an_idle_connection_until_the_maintenance_tick() {
+        // capacity 2, equal weights: each tenant's share is 1.
+        let mut s = Slots::<u32>::new(2);
+        let a = pool(&mut s, "a", 0, 1, 5);
+        let b = pool(&mut s, "b", 0, 1, 5);
+        connect(&mut s, a);
+        connect(&mut s, b);
+        let (_, mut rb) = s.enqueue(b).unwrap();
+        // a's connection comes back with nobody of a's waiting. b already holds its share:
+        // a keeps the connection for its next client instead of closing it at once.
+        assert!(s.give_back(a, 1).is_none());
+        assert!(rb.try_recv().is_err());
+        // Still idle at the maintenance tick: its slot goes to b.
+        assert_eq!(s.hand_over_idle(true), vec![1]);
+        assert!(matches!(rb.try_recv().unwrap(), Grant::Slot));
+        assert_eq!(s.used(), 2);
     }
 
     #[test]

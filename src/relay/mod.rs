@@ -85,11 +85,19 @@ pub enum Outcome {
         /// cancel. The connection is alive but busy: close it.
         timed_out: bool,
     },
-    /// The client sat idle inside a transaction past `idle_transaction_timeout`. The server
-    /// connection is still in that transaction, with nothing outstanding.
-    IdleInTransaction,
-    /// A session-mode client sat idle past `client_idle_timeout`; the server is clean.
-    ClientIdle,
+    /// The client sat idle past `idle_transaction_timeout` while holding the server
+    /// connection: inside a transaction block, or (transaction mode) in the middle of a
+    /// request it never finished.
+    IdleInTransaction {
+        /// Nothing outstanding, no partial message: a ROLLBACK can clean it. Otherwise it
+        /// must be closed.
+        server_clean: bool,
+    },
+    /// A session-mode client sat idle past `client_idle_timeout`.
+    ClientIdle {
+        /// Nothing outstanding, no partial message: the reset query can clean it.
+        server_clean: bool,
+    },
     /// The client broke the protocol or sent an oversized message.
     ClientProtocol(ProtoError),
 }
@@ -128,6 +136,7 @@ where
         flags: Flags {
             track: mode == Mode::Transaction,
             unsynced: false,
+            flushed: false,
             skip_to_sync: false,
         },
         c_skip: 0,
@@ -136,6 +145,7 @@ where
         handled: false,
         fatal: None,
         undelivered: false,
+        client_active: false,
         view,
         timers,
     };
@@ -155,6 +165,9 @@ struct State<'v> {
     fatal: Option<PgError>,
     /// The FATAL was kept back (no request pending).
     undelivered: bool,
+    /// Bytes came from the client since the timers last looked (an idle client is one that
+    /// sends nothing).
+    client_active: bool,
     view: &'v mut SessionView,
     timers: Option<&'v mut Timers>,
 }
@@ -184,21 +197,37 @@ impl State<'_> {
 
     /// What the timers measure right now.
     fn phase(&self) -> Phase {
-        if !self.view.expect.is_empty() || self.s_skip > 0 {
+        // Extended-protocol messages with neither Sync nor Flush after them: the server holds
+        // its answers until the client finishes the request, so nothing runs on its behalf.
+        let awaiting_client = self.flags.unsynced && !self.flags.flushed;
+        if self.s_skip > 0 || (!self.view.expect.is_empty() && !awaiting_client) {
             Phase::Busy
-        } else if self.view.tx_status == b'I' {
+        } else if self.view.tx_status == b'I' && self.mode == Mode::Session {
             Phase::Idle
         } else {
+            // Inside a block, or (transaction mode, where an idle client has no server) holding
+            // one with a request left unfinished: a partial message, or no Sync yet.
             Phase::IdleInTransaction
         }
+    }
+
+    /// Idle with nothing outstanding and no partial message either way (the transaction
+    /// status aside).
+    fn quiescent(&self, server: &ServerConn) -> bool {
+        self.view.expect.is_empty()
+            && !self.flags.unsynced
+            && self.c_skip == 0
+            && self.s_skip == 0
+            && server.wbuf.is_empty()
     }
 
     /// Checks the timeouts before waiting; `Some` ends the relay.
     fn poll_timers(&mut self, cx: &mut Context<'_>, server: &ServerConn) -> Option<Poll<Outcome>> {
         let phase = self.phase();
+        let active = std::mem::take(&mut self.client_active);
         let timers = self.timers.as_deref_mut()?;
         loop {
-            match timers.poll(cx, phase) {
+            match timers.poll(cx, phase, active) {
                 Poll::Pending => return None,
                 Poll::Ready(Expired::QueryCancel) => {
                     tracing::info!(server = server.id, "query_timeout passed; cancelling the query");
@@ -208,10 +237,14 @@ impl State<'_> {
                 }
                 Poll::Ready(Expired::QueryGiveUp) => return Some(self.server_outcome(true)),
                 Poll::Ready(Expired::IdleInTransaction) => {
+                    let server_clean = self.quiescent(server);
                     self.view.clear_owed();
-                    return Some(Poll::Ready(Outcome::IdleInTransaction));
+                    return Some(Poll::Ready(Outcome::IdleInTransaction { server_clean }));
                 }
-                Poll::Ready(Expired::ClientIdle) => return Some(Poll::Ready(Outcome::ClientIdle)),
+                Poll::Ready(Expired::ClientIdle) => {
+                    let server_clean = self.quiescent(server) && self.view.tx_status == b'I';
+                    return Some(Poll::Ready(Outcome::ClientIdle { server_clean }));
+                }
             }
         }
     }
@@ -299,7 +332,10 @@ impl State<'_> {
                 reserve_read(&mut client.inbuf);
                 match poll_read_buf(Pin::new(&mut client.stream), cx, &mut client.inbuf) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return self.client_gone(server),
-                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        self.client_active = true;
+                    }
                     Poll::Pending => {}
                 }
             }

@@ -45,6 +45,8 @@ pub struct Flags {
     pub track: bool,
     /// Extended-protocol messages were forwarded after the last Sync.
     pub unsynced: bool,
+    /// The last of those was a Flush: the client waits for the server's answers.
+    pub flushed: bool,
     /// An error was answered: drop the client's messages up to its Sync, as the backend does.
     pub skip_to_sync: bool,
 }
@@ -90,6 +92,7 @@ pub fn handle(
         b'S' => {
             flags.skip_to_sync = false;
             flags.unsynced = false;
+            flags.flushed = false;
             view.syncs += 1;
             if view.copy_in {
                 // The backend ignores Sync in COPY-in mode: nothing is owed for it.
@@ -105,6 +108,7 @@ pub fn handle(
         }
         b'H' => {
             flags.unsynced = true;
+            flags.flushed = true;
             Ok(forward(buf, h, server))
         }
         b'd' => Ok(forward(buf, h, server)),
@@ -114,6 +118,7 @@ pub fn handle(
         }
         b'P' | b'B' | b'D' | b'E' | b'C' => {
             flags.unsynced = true;
+            flags.flushed = false;
             extended(h, buf, view, server, flags)
         }
         _ => Err(ProtoError::Invalid("frontend message type")),

@@ -81,11 +81,13 @@ impl Timers {
         self.cancel_sent = None;
     }
 
-    /// Called when the relay is about to wait, in `phase`: ready with what expired, if a limit
-    /// passed; otherwise the timer is armed to wake the relay.
-    pub fn poll(&mut self, cx: &mut Context<'_>, phase: Phase) -> Poll<Expired> {
+    /// Called when the relay is about to wait, in `phase` (`client_active`: the client sent
+    /// something since the last call, which restarts an idle clock): ready with what expired,
+    /// if a limit passed; otherwise the timer is armed to wake the relay.
+    pub fn poll(&mut self, cx: &mut Context<'_>, phase: Phase, client_active: bool) -> Poll<Expired> {
+        let idle_again = client_active && phase != Phase::Busy;
         let since = match self.phase {
-            Some((p, since)) if p == phase => since,
+            Some((p, since)) if p == phase && !idle_again => since,
             _ => {
                 let now = Instant::now();
                 self.phase = Some((phase, now));
