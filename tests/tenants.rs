@@ -223,11 +223,16 @@ async fn backend_never_sees_more_than_max_db_connections_under_a_1000_client_bur
         })
     };
     let clients: Vec<_> = (0..1000)
-        .map(|_| {
+        .map(|i| {
             let u = url.clone();
             tokio::spawn(async move {
-                let cl = connect(&u).await;
-                cl.simple_query("SELECT pg_sleep(0.01)").await.unwrap();
+                let (cl, conn) = tokio_postgres::connect(&u, tokio_postgres::NoTls)
+                    .await
+                    .unwrap_or_else(|e| panic!("client {i} could not log in: {e:?}"));
+                tokio::spawn(conn);
+                cl.simple_query("SELECT pg_sleep(0.01)")
+                    .await
+                    .unwrap_or_else(|e| panic!("client {i}: {e:?}"));
             })
         })
         .collect();
