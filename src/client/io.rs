@@ -61,13 +61,15 @@ impl<C: AsyncRead + AsyncWrite + Unpin> ClientIo<C> {
         }
     }
 
-    /// Writes everything in `out`.
+    /// Writes everything in `out`. Cancel-safe: `out` keeps exactly what is not written yet,
+    /// so a flush dropped midway (racing a checkout, say) loses and repeats nothing.
     pub async fn flush(&mut self) -> Result<(), Gone> {
-        if self.out.is_empty() {
-            return Ok(());
+        while !self.out.is_empty() {
+            match self.stream.write_buf(&mut self.out).await {
+                Ok(0) | Err(_) => return Err(Gone),
+                Ok(_) => {}
+            }
         }
-        self.stream.write_all(&self.out).await.map_err(|_| Gone)?;
-        self.out.clear();
         Ok(())
     }
 }

@@ -241,7 +241,11 @@ async fn wait_for_server<C: AsyncRead + AsyncWrite + Unpin>(
                     ),
                 )
                 .write_notice(&mut io.out);
-                if io.flush().await.is_err() {
+            }
+            // The NOTICE goes out while the checkout is still polled: a client that does not
+            // read cannot hold up a connection handed to it (what is left goes with the answer).
+            r = io.flush(), if !io.out.is_empty() => {
+                if r.is_err() {
                     break Err(Gone);
                 }
             }

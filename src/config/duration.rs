@@ -12,10 +12,20 @@ pub fn parse_timeout(text: &str) -> Result<Option<Duration>, String> {
     if t == "0" || t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
         return Ok(None);
     }
-    humantime::parse_duration(t)
-        .map(|d| if d.is_zero() { None } else { Some(d) })
-        .map_err(|e| format!("invalid duration {text:?}: {e} (examples: \"5s\", \"250ms\", \"off\")"))
+    let d = humantime::parse_duration(t)
+        .map_err(|e| format!("invalid duration {text:?}: {e} (examples: \"5s\", \"250ms\", \"off\")"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "duration {text:?} is longer than {} (use \"off\" for no bound)",
+            fmt_duration(MAX_DURATION)
+        ));
+    }
+    Ok(if d.is_zero() { None } else { Some(d) })
 }
+
+/// The longest bound accepted: deadlines are computed as now + duration, which must not
+/// overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// serde adapter for `Option<Duration>` fields written as strings.
 pub fn de_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<Duration>>, D::Error> {
@@ -43,5 +53,7 @@ mod tests {
         assert_eq!(parse_timeout("off").unwrap(), None);
         assert_eq!(parse_timeout("0").unwrap(), None);
         assert!(parse_timeout("five").is_err());
+        assert!(parse_timeout("365days").is_ok());
+        assert!(parse_timeout("1000years").is_err());
     }
 }
