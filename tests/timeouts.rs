@@ -581,30 +581,30 @@ async fn a_login_abandoned_while_opening_a_server_connection_frees_its_slot() {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_left_unfinished_is_cut_off_by_idle_transaction_timeout() {
-    let db = TestDb::new("to_stall");
+/// A client logs in, sends `unfinished` (a request it never completes) and goes quiet: it gets
+/// FATAL 25P03 from `idle_transaction_timeout` and is closed, and the pool's only server
+/// connection serves the next client. Returns the pool, for the caller's own checks.
+async fn unfinished_request_is_cut_off(prefix: &str, unfinished: &[u8]) -> Arc<Pool> {
+    let db = TestDb::new(prefix);
     let proxy = start_proxy(&db.config(
         "default_pool_size = 1\nidle_transaction_timeout = \"300ms\"",
         "auth = \"trust\"",
     ))
     .await;
-    let url = db.url(&proxy);
-    let b = connect(&url).await;
+    let b = connect(&db.url(&proxy)).await;
     b.simple_query("select 1").await.unwrap();
     let mut a = raw_login(&proxy, &db).await;
-    // A Query header announcing 100 bytes, then only 3 of them: the proxy holds the pool's
-    // only server connection for a request that never completes.
-    let mut partial = vec![b'Q'];
-    partial.extend_from_slice(&104u32.to_be_bytes());
-    partial.extend_from_slice(b"sel");
-    a.send(&partial).await;
-    let m = a.recv().await.expect("an ErrorResponse before EOF");
-    assert_eq!(m.tag, b'E', "{m:?}");
-    assert_eq!(m.code(), "25P03", "{m:?}");
+    a.send(unfinished).await;
+    let mut before = Vec::new();
+    let fatal = loop {
+        let m = a.recv().await.expect("an ErrorResponse before EOF");
+        if m.tag == b'E' {
+            break m;
+        }
+        before.push(m.tag);
+    };
+    assert_eq!(fatal.code(), "25P03", "{fatal:?} after {before:?}");
     assert!(a.recv().await.is_none(), "closed after the FATAL");
-    // The only server connection is free again (none of the partial request reached it, so
-    // it was cleaned and kept): the next client is served.
     let r = tokio::time::timeout(LIMIT, b.simple_query("select 2"))
         .await
         .unwrap()
@@ -612,45 +612,27 @@ async fn a_request_left_unfinished_is_cut_off_by_idle_transaction_timeout() {
     assert_eq!(first_value(&r).as_deref(), Some("2"));
     let pool = only_pool(&proxy);
     assert_eq!(stat(&pool.stats.idle_transaction_timeouts), 1);
+    pool
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_message_is_cut_off_by_idle_transaction_timeout() {
+    // A Query header announcing 100 bytes, then only 3 of them.
+    let mut partial = vec![b'Q'];
+    partial.extend_from_slice(&104u32.to_be_bytes());
+    partial.extend_from_slice(b"sel");
+    let pool = unfinished_request_is_cut_off("to_stall", &partial).await;
+    // None of it reached the server connection: cleaned and kept, not closed.
+    assert_eq!(stat(&pool.stats.servers_closed), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_left_without_sync_is_cut_off_and_its_server_closed() {
-    let db = TestDb::new("to_nosync");
-    let proxy = start_proxy(&db.config(
-        "default_pool_size = 1\nidle_transaction_timeout = \"300ms\"",
-        "auth = \"trust\"",
-    ))
-    .await;
-    let url = db.url(&proxy);
-    let b = connect(&url).await;
-    b.simple_query("select 1").await.unwrap();
-    let mut a = raw_login(&proxy, &db).await;
-    // Parse, Bind, Execute reach the server, but no Sync follows: the server connection is
-    // mid-request and cannot be cleaned with a ROLLBACK.
+    // Parse, Bind, Execute reach the server, but neither Sync nor Flush follows.
     let mut pipeline = raw::parse("", "select 1");
     pipeline.extend(raw::bind(""));
     pipeline.extend(raw::execute());
-    a.send(&pipeline).await;
-    let mut saw = Vec::new();
-    let fatal = loop {
-        let m = a.recv().await.expect("an ErrorResponse before EOF");
-        if m.tag == b'E' {
-            break m;
-        }
-        saw.push(m.tag);
-    };
-    assert_eq!(fatal.code(), "25P03", "{fatal:?} after {saw:?}");
-    assert!(a.recv().await.is_none(), "closed after the FATAL");
-    let r = tokio::time::timeout(LIMIT, b.simple_query("select 2"))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(first_value(&r).as_deref(), Some("2"));
-    let pool = only_pool(&proxy);
-    assert_eq!(
-        stat(&pool.stats.servers_closed),
-        1,
-        "the unsynced connection was closed"
-    );
+    let pool = unfinished_request_is_cut_off("to_nosync", &pipeline).await;
+    // Mid-request, the connection cannot be cleaned with a ROLLBACK: it was closed.
+    assert_eq!(stat(&pool.stats.servers_closed), 1);
 }
