@@ -361,3 +361,68 @@ fn check_rejects_tenant_minimums_above_the_database_slots() {
         other => panic!("accepted: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_of_a_tenant_at_max_server_conn_share_its_one_slot() {
+    let db = TestDb::new("tmax");
+    let other = format!("{}_b", db.user);
+    let c = cluster();
+    c.psql(
+        "postgres",
+        &format!("CREATE ROLE {other} LOGIN PASSWORD '{}'", db.password),
+    )
+    .unwrap();
+    let text = format!(
+        "listen_addr = \"127.0.0.1:0\"\nquery_wait_timeout = \"30s\"\nquery_wait_notify = \"off\"\n\
+         [databases.{d}]\nhost = \"{h}\"\nport = {p}\n\
+         [tenants.batch]\nmax_server_conn = 1\n\
+         [users.{d}]\npassword = \"{pw}\"\ntenant = \"batch\"\n\
+         [users.{other}]\npassword = \"{pw}\"\ntenant = \"batch\"\n",
+        d = db.user,
+        h = c.host(),
+        p = c.port(),
+        pw = db.password,
+    );
+    let proxy = start_proxy(&text).await;
+    let url_of = |user: &str| {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={} dbname={} connect_timeout=30",
+            proxy.addr().port(),
+            db.password,
+            db.user
+        )
+    };
+    // The first user's pool takes the tenant's only slot; its connection then sits idle.
+    let first = connect(&url_of(&db.user)).await;
+    first.simple_query("SELECT 1").await.unwrap();
+    // The second user's pool takes that slot over at once (the idle connection is closed).
+    let second = connect(&url_of(&other)).await;
+    second.simple_query("SELECT 1").await.unwrap();
+    let pools = proxy.pools().all();
+    let pool_of = |user: &str| pools.iter().find(|p| p.key.user == user).unwrap().clone();
+    assert_eq!(
+        PoolStats::get(&pool_of(&other).stats.slots_taken_over),
+        1,
+        "taken over at checkout, not left to wait"
+    );
+    // Both users alternate on the one slot; the backend never sees two of their connections.
+    for _ in 0..5 {
+        first.simple_query("SELECT 1").await.unwrap();
+        second.simple_query("SELECT 1").await.unwrap();
+    }
+    for p in &pools {
+        assert!(p.counts().high_water <= 1, "{:?}", p.counts());
+    }
+    let both: u32 = c
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename IN ('{}', '{other}')",
+                db.user
+            ),
+        )
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(both <= 1, "{both}");
+}
