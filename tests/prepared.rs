@@ -1135,3 +1135,31 @@ async fn tokio_postgres_prepared_transactions_lose_nothing() {
     assert_eq!(count, 2000);
     assert!(stat(&proxy, |s| &s.prepared_hits) > 0);
 }
+
+/// Inside a failed transaction block, DEALLOCATE is refused as PostgreSQL refuses it (25P02),
+/// and the statement stays; after ROLLBACK it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_in_a_failed_block_is_refused_like_any_command() {
+    let db = TestDb::new("prep_dabort");
+    let proxy = start_proxy(&proxy_config(&db, "default_pool_size = 1")).await;
+    let mut r = login(&proxy, &db).await;
+    let bytes = cat(&[raw::parse("s", "select 's'"), raw::sync()]);
+    expect_tags(&mut r, &bytes, &["1Z"]).await;
+    let begun = simple(&mut r, "BEGIN").await;
+    assert_eq!(tags(&begun), "CZ", "{}", show(&begun));
+    let failed = simple(&mut r, "SELECT 1/0").await;
+    assert_eq!(tags(&failed), "EZ", "{}", show(&failed));
+    let refused = simple(&mut r, "DEALLOCATE s").await;
+    assert_eq!(tags(&refused), "EZ", "{}", show(&refused));
+    assert_eq!(refused[0].code(), "25P02", "{}", show(&refused));
+    assert_eq!(refused[1].body, b"E", "still in the failed block");
+    let rolled = simple(&mut r, "ROLLBACK").await;
+    assert_eq!(tags(&rolled), "CZ", "{}", show(&rolled));
+    let done = simple(&mut r, "DEALLOCATE s").await;
+    assert_eq!(
+        tags(&done),
+        "CZ",
+        "the statement survived the refused DEALLOCATE: {}",
+        show(&done)
+    );
+}

@@ -355,6 +355,11 @@ fn inject_close(view: &mut SessionView, server: &mut ServerConn, name: Arc<str>)
 /// `DEALLOCATE` answered from the client's view; shared statements stay on the servers.
 /// Returns the command tag (or the error PostgreSQL would give) and how to undo it.
 fn deallocate(view: &mut SessionView, name: Option<&str>) -> (Result<&'static str, PgError>, Restore) {
+    if view.tx_status == b'E' {
+        // Inside a failed block PostgreSQL refuses every command but the block's end.
+        let msg = "current transaction is aborted, commands ignored until end of transaction block";
+        return (Err(sqlstate_error("25P02", msg.to_string())), Vec::new());
+    }
     match name {
         None => {
             let restore = view.statements.drain().map(|(n, s)| (n, Some(s))).collect();
