@@ -636,3 +636,34 @@ async fn a_pipeline_left_without_sync_is_cut_off_and_its_server_closed() {
     // Mid-request, the connection cannot be cleaned with a ROLLBACK: it was closed.
     assert_eq!(stat(&pool.stats.servers_closed), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_waiting_on_a_running_query_is_not_idle() {
+    let db = TestDb::new("to_pipe");
+    let proxy = start_proxy(&db.config(
+        "default_pool_size = 1\nidle_transaction_timeout = \"300ms\"",
+        "auth = \"trust\"",
+    ))
+    .await;
+    let mut a = raw_login(&proxy, &db).await;
+    // A synced request running for a while, then the next request pipelined without its Sync
+    // yet (as libpq's pipeline mode does): the client waits for the server, it is not idle.
+    let mut bytes = raw::parse("", "select pg_sleep(1)");
+    bytes.extend(raw::bind(""));
+    bytes.extend(raw::execute());
+    bytes.extend(raw::sync());
+    bytes.extend(raw::parse("", "select 2"));
+    bytes.extend(raw::bind(""));
+    bytes.extend(raw::execute());
+    a.send(&bytes).await;
+    let first = a.recv_until(b'Z').await;
+    assert!(
+        first.iter().all(|m| m.tag != b'E'),
+        "the first request ran to its end: {first:?}"
+    );
+    a.send(&raw::sync()).await;
+    let second = a.recv_until(b'Z').await;
+    assert!(second.iter().all(|m| m.tag != b'E'), "{second:?}");
+    assert!(second.iter().any(|m| m.tag == b'D'), "{second:?}");
+    assert_eq!(stat(&only_pool(&proxy).stats.idle_transaction_timeouts), 0);
+}

@@ -88,11 +88,13 @@ fn evict_idle(pool: &Pool) {
     }
 }
 
-/// Gives the slots of connections still idle at this tick to pools of the database whose
+/// Gives the slots of connections idle for a whole tick to pools of the database whose
 /// clients wait for one, whatever the shares: a quiet tenant's connections do not sit idle
-/// while others wait.
+/// while others wait, and a busy tenant's connection kept between two of its transactions is
+/// left alone.
 fn hand_over_idle(pool: &Pool) {
-    let taken_over = pool.db.lock().hand_over_idle(true);
+    let idle_a_whole_tick = |c: &crate::server::ServerConn| c.last_used.elapsed() >= WATCH_INTERVAL;
+    let taken_over = pool.db.lock().hand_over_idle(Some(&idle_a_whole_tick));
     for c in taken_over {
         PoolStats::bump(&pool.stats.slots_given_up);
         pool.terminate(c);

@@ -207,7 +207,7 @@ impl<T> Slots<T> {
         if !self.could_grow_with_a_moved_slot(p) {
             return Take::Wait;
         }
-        match self.steal_idle(p, false) {
+        match self.steal_idle(p, None) {
             Some(victim) => {
                 self.reserve_slot(p);
                 self.record(p, How::Moved);
@@ -285,14 +285,21 @@ impl<T> Slots<T> {
     /// Takes an idle connection from another pool for pool `p` and gives up its slot: the
     /// one whose tenant is most over its share, among those the sharing rules let go (all of
     /// them with `any`, for connections idle through a maintenance tick).
-    fn steal_idle(&mut self, p: usize, any: bool) -> Option<T> {
+    fn steal_idle(&mut self, p: usize, idle_long: Option<&dyn Fn(&T) -> bool>) -> Option<T> {
         let taker = self.load(p);
+        // With `idle_long`, the oldest connection idle long enough, whatever the shares.
+        let pick = |x: &PoolSlots<T>| match idle_long {
+            None => x.idle.len().checked_sub(1),
+            Some(f) => x.idle.iter().position(f),
+        };
         let victim = (0..self.pools.len())
-            .filter(|&q| q != p && self.pools.get(q).is_some_and(|x| !x.idle.is_empty()))
+            .filter(|&q| q != p && self.pools.get(q).is_some_and(|x| pick(x).is_some()))
             .filter(|&q| self.may_take_from(q, p))
-            .filter(|&q| any || self.load(q).should_yield_idle_to(&taker))
+            .filter(|&q| idle_long.is_some() || self.load(q).should_yield_idle_to(&taker))
             .max_by(|&a, &b| self.load(a).cmp_load(&self.load(b)))?;
-        let conn = self.pools.get_mut(victim)?.idle.pop()?;
+        let pool = self.pools.get_mut(victim)?;
+        let i = pick(pool)?;
+        let conn = pool.idle.remove(i);
         self.release_slot(victim);
         Some(conn)
     }
@@ -519,29 +526,32 @@ impl<T> Slots<T> {
         }
         pool.reserve_open = true;
         self.grant_free_slots();
-        self.hand_over_idle(false)
+        self.hand_over_idle(None)
     }
 
-    /// Gives the slots of idle connections to pools whose clients wait for one (the
-    /// connections are returned, to be closed). With `any`, regardless of shares: run by the
-    /// maintenance tick, so a connection of a quiet tenant idles at most that long while
-    /// others wait.
-    pub fn hand_over_idle(&mut self, any: bool) -> Vec<T> {
+    /// Gives the slots of idle connections to pools whose clients wait for one, neediest
+    /// first (the connections are returned, to be closed). By the sharing rules; or, with
+    /// `idle_long`, any connection it accepts (the maintenance tick passes "idle for a whole
+    /// tick"), so a quiet tenant's connections do not sit while others wait.
+    pub fn hand_over_idle(&mut self, idle_long: Option<&dyn Fn(&T) -> bool>) -> Vec<T> {
         let mut victims = Vec::new();
-        for _ in 0..self.pools.len().saturating_mul(4) {
-            let Some(q) = (0..self.pools.len())
+        'moves: for _ in 0..self.pools.len().saturating_mul(4) {
+            let mut candidates: Vec<usize> = (0..self.pools.len())
                 .filter(|&q| {
                     self.pools.get(q).is_some_and(|x| !x.waiters.is_empty())
                         && self.could_grow_with_a_moved_slot(q)
                 })
-                .min_by(|&a, &b| self.load(a).cmp_need(&self.load(b)))
-            else {
-                break;
-            };
-            let Some(v) = self.steal_idle(q, any) else { break };
-            victims.push(v);
-            self.grant_slot(q, How::Moved);
-            self.grant_free_slots();
+                .collect();
+            candidates.sort_by(|&a, &b| self.load(a).cmp_need(&self.load(b)));
+            for q in candidates {
+                if let Some(v) = self.steal_idle(q, idle_long) {
+                    victims.push(v);
+                    self.grant_slot(q, How::Moved);
+                    self.grant_free_slots();
+                    continue 'moves;
+                }
+            }
+            break;
         }
         victims
     }
@@ -562,7 +572,7 @@ impl<T> Slots<T> {
             closed.extend(self.give_back(p, conn));
         }
         self.grant_free_slots();
-        closed.extend(self.hand_over_idle(false));
+        closed.extend(self.hand_over_idle(None));
         closed
     }
 
@@ -700,7 +710,9 @@ impl Load {
         if self.used <= self.min {
             return false;
         }
-        if taker.below_min() {
+        // Below its minimum, or holding nothing at all (however small its share): a tenant
+        // with clients waiting is never starved by the weights' rounding.
+        if taker.below_min() || taker.used == 0 {
             return true;
         }
         // After the move the taker must still be at or below the giver (per weight).
@@ -963,9 +975,51 @@ mod tests {
         assert!(s.give_back(a, 1).is_none());
         assert!(rb.try_recv().is_err());
         // Still idle at the maintenance tick: its slot goes to b.
-        assert_eq!(s.hand_over_idle(true), vec![1]);
+        assert_eq!(s.hand_over_idle(Some(&|_: &u32| true)), vec![1]);
         assert!(matches!(rb.try_recv().unwrap(), Grant::Slot));
         assert_eq!(s.used(), 2);
+    }
+
+    #[test]
+    fn a_tenant_holding_nothing_is_not_starved_by_small_weights() {
+        // capacity 3, weights 3:1: light's share rounds to 0, yet it gets a slot.
+        let mut s = Slots::<u32>::new(3);
+        let heavy = pool(&mut s, "heavy", 0, 3, 5);
+        let light = pool(&mut s, "light", 0, 1, 5);
+        for _ in 0..3 {
+            connect(&mut s, heavy);
+        }
+        let _h = s.enqueue(heavy).unwrap();
+        let (_, mut l) = s.enqueue(light).unwrap();
+        assert_eq!(s.give_back(heavy, 1), Some(1));
+        assert!(matches!(l.try_recv().unwrap(), Grant::Slot));
+    }
+
+    #[test]
+    fn the_tick_skips_a_capped_tenant_and_serves_the_next() {
+        // capacity 4: t1 (max 1) holds its 1 and waits; t2 holds 1 busy and waits; t3 holds 2
+        // idle. The neediest, t1, can take nothing; t2 must still get t3's idle connections.
+        let mut s = Slots::<u32>::new(4);
+        let capped = Share {
+            name: "t1".into(),
+            min: 0,
+            max: 1,
+            weight: 1,
+        };
+        let t1 = s.add_pool(capped, Arc::new(TenantState::new(None)), 5, 0);
+        let t2 = pool(&mut s, "t2", 0, 1, 5);
+        let t3 = pool(&mut s, "t3", 0, 1, 5);
+        connect(&mut s, t1);
+        connect(&mut s, t2);
+        connect(&mut s, t3);
+        connect(&mut s, t3);
+        assert!(s.give_back(t3, 30).is_none());
+        assert!(s.give_back(t3, 31).is_none());
+        let _w1 = s.enqueue(t1).unwrap();
+        let (_, mut w2) = s.enqueue(t2).unwrap();
+        let moved = s.hand_over_idle(Some(&|_: &u32| true));
+        assert_eq!(moved.len(), 1, "{moved:?}");
+        assert!(matches!(w2.try_recv().unwrap(), Grant::Slot));
     }
 
     #[test]

@@ -197,9 +197,12 @@ impl State<'_> {
 
     /// What the timers measure right now.
     fn phase(&self) -> Phase {
-        // Extended-protocol messages with neither Sync nor Flush after them: the server holds
-        // its answers until the client finishes the request, so nothing runs on its behalf.
-        let awaiting_client = self.flags.unsynced && !self.flags.flushed;
+        // Extended-protocol messages with neither Sync nor Flush after them, and nothing synced
+        // still owed ahead of them: the server holds its answers until the client finishes
+        // the request, so nothing runs on its behalf.
+        let awaiting_client = self.flags.unsynced
+            && !self.flags.flushed
+            && !self.view.expect.iter().any(|(_, e)| e.ends_with_ready());
         if self.s_skip > 0 || (!self.view.expect.is_empty() && !awaiting_client) {
             Phase::Busy
         } else if self.view.tx_status == b'I' && self.mode == Mode::Session {
