@@ -15,8 +15,8 @@
 //! - an idle connection does not sit while another pool of the database waits for a slot: its
 //!   slot moves at once within a tenant, to a tenant below its minimum or holding nothing, or
 //!   to one under its share relative to the idle connection's tenant; otherwise it is kept for
-//!   its own tenant's next client, and the maintenance tick moves it if it is still idle then
-//!   (`hand_over_idle`);
+//!   its own tenant's next client, and the maintenance tick moves it once it has been idle for
+//!   a whole tick (`hand_over_idle`);
 //! - a tenant at its `max_server_conn` moves slots between its own pools the same way.
 
 use std::collections::VecDeque;
