@@ -667,3 +667,29 @@ async fn a_pipeline_waiting_on_a_running_query_is_not_idle() {
     assert!(second.iter().any(|m| m.tag == b'D'), "{second:?}");
     assert_eq!(stat(&only_pool(&proxy).stats.idle_transaction_timeouts), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_idle_client_is_disconnected_and_its_server_reset_for_the_next() {
+    let db = TestDb::new("to_sidle");
+    let proxy = start_proxy(&db.config(
+        "default_pool_size = 1\npool_mode = \"session\"\nclient_idle_timeout = \"300ms\"",
+        "auth = \"trust\"",
+    ))
+    .await;
+    let mut a = raw_login(&proxy, &db).await;
+    a.send(&raw::query("set application_name = 'left_behind'")).await;
+    let set = a.recv_until(b'Z').await;
+    assert!(set.iter().all(|m| m.tag != b'E'), "{set:?}");
+    // Idle, holding the pool's only server connection for its session.
+    let m = a.recv().await.expect("an ErrorResponse before EOF");
+    assert_eq!((m.tag, m.code()), (b'E', "57P05".to_string()), "{m:?}");
+    assert!(a.recv().await.is_none(), "closed after the FATAL");
+    // The next client gets that same connection, reset (server_reset_query), not closed.
+    let b = connect(&db.url(&proxy)).await;
+    let r = b.simple_query("show application_name").await.unwrap();
+    assert_ne!(first_value(&r).as_deref(), Some("left_behind"));
+    let pool = only_pool(&proxy);
+    assert_eq!(stat(&pool.stats.client_idle_timeouts), 1);
+    assert_eq!(stat(&pool.stats.servers_closed), 0);
+    assert_eq!(stat(&pool.stats.server_logins), 1);
+}
