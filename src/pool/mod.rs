@@ -357,15 +357,25 @@ impl Pools {
         all
     }
 
-    /// Ends `begin_pause_all`: every pool resumes.
+    /// Ends `begin_pause_all`: every pool resumes, each database's pools together (so the
+    /// free slots are shared by the rules, not taken by the first pool resumed).
     pub fn resume_all(&self) {
         let all: Vec<Arc<Pool>> = {
             let pools = lock(&self.pools);
             self.all_paused.store(false, std::sync::atomic::Ordering::Release);
             pools.values().cloned().collect()
         };
+        let mut by_db: BTreeMap<String, Vec<Arc<Pool>>> = BTreeMap::new();
         for p in all {
-            p.resume();
+            by_db.entry(p.db.name.clone()).or_default().push(p);
+        }
+        for pools in by_db.values() {
+            let Some(first) = pools.first() else { continue };
+            let idxs: Vec<usize> = pools.iter().map(|p| p.idx).collect();
+            let closed = first.db.lock().set_paused_many(&idxs, false);
+            for c in closed {
+                first.terminate(c);
+            }
         }
     }
 

@@ -559,17 +559,30 @@ impl<T> Slots<T> {
     /// Pauses or resumes handing out pool `p`'s connections. On resume, queued waiters get
     /// the idle connections, then free slots.
     pub fn set_paused(&mut self, p: usize, paused: bool) -> Vec<T> {
-        let Some(pool) = self.pools.get_mut(p) else {
-            return Vec::new();
-        };
-        pool.paused = paused;
+        self.set_paused_many(&[p], paused)
+    }
+
+    /// Pauses or resumes several pools at once: on resume, none of them is served before all
+    /// are unpaused, so the free slots are shared by the rules rather than taken by the first.
+    pub fn set_paused_many(&mut self, ps: &[usize], paused: bool) -> Vec<T> {
+        for &p in ps {
+            if let Some(pool) = self.pools.get_mut(p) {
+                pool.paused = paused;
+            }
+        }
         if paused {
             return Vec::new();
         }
-        let idle = std::mem::take(&mut pool.idle);
         let mut closed = Vec::new();
-        for conn in idle {
-            closed.extend(self.give_back(p, conn));
+        for &p in ps {
+            let idle = self
+                .pools
+                .get_mut(p)
+                .map(|x| std::mem::take(&mut x.idle))
+                .unwrap_or_default();
+            for conn in idle {
+                closed.extend(self.give_back(p, conn));
+            }
         }
         self.grant_free_slots();
         closed.extend(self.hand_over_idle(None));
@@ -1020,6 +1033,21 @@ mod tests {
         let moved = s.hand_over_idle(Some(&|_: &u32| true));
         assert_eq!(moved.len(), 1, "{moved:?}");
         assert!(matches!(w2.try_recv().unwrap(), Grant::Slot));
+    }
+
+    #[test]
+    fn pools_resumed_together_share_the_free_slots() {
+        let mut s = Slots::<u32>::new(2);
+        let a = pool(&mut s, "a", 0, 1, 5);
+        let b = pool(&mut s, "b", 0, 1, 5);
+        s.set_paused_many(&[a, b], true);
+        let (_, mut a1) = s.enqueue(a).unwrap();
+        let (_, mut a2) = s.enqueue(a).unwrap();
+        let (_, mut b1) = s.enqueue(b).unwrap();
+        assert!(s.set_paused_many(&[a, b], false).is_empty());
+        assert!(matches!(a1.try_recv().unwrap(), Grant::Slot));
+        assert!(matches!(b1.try_recv().unwrap(), Grant::Slot), "not both to a");
+        assert!(a2.try_recv().is_err());
     }
 
     #[test]
