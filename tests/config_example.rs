@@ -17,7 +17,7 @@ const EXAMPLE: &str = include_str!("../proxy.toml.example");
 /// a field added to the model does not compile here until it is listed, and then
 /// `every_model_key_is_documented` demands that the example documents it.
 macro_rules! keys_of {
-    ($ty:ident { $($field:ident),* $(,)? }) => {{
+    ($ty:ident; $($field:ident),* $(,)?) => {{
         #[allow(dead_code)]
         fn exhaustive(v: $ty) {
             let $ty { $($field: _),* } = v;
@@ -26,7 +26,37 @@ macro_rules! keys_of {
     }};
 }
 
-const GLOBAL_KEYS: &[&str] = keys_of!(RawConfig {
+/// Names as strings.
+macro_rules! names {
+    ($($field:ident),* $(,)?) => {
+        &[$(stringify!($field)),*]
+    };
+}
+
+/// Calls `$m!` with the given tokens followed by the keys every scope shares (the model's
+/// `scope_table!` fields), so they are listed once.
+macro_rules! with_shared_keys {
+    ($m:ident!($($pre:tt)*)) => {
+        $m!($($pre)*
+            pool_mode,
+            min_pool_size,
+            reserve_pool_size,
+            reserve_pool_timeout,
+            query_wait_timeout,
+            query_wait_notify,
+            client_login_timeout,
+            client_idle_timeout,
+            idle_transaction_timeout,
+            query_timeout,
+            server_connect_timeout,
+            server_idle_timeout,
+            server_lifetime,
+            server_check_delay,
+        )
+    };
+}
+
+const GLOBAL_KEYS: &[&str] = with_shared_keys!(keys_of!(RawConfig;
     listen_addr,
     default_pool_size,
     max_client_conn,
@@ -40,23 +70,9 @@ const GLOBAL_KEYS: &[&str] = keys_of!(RawConfig {
     databases,
     tenants,
     users,
-    pool_mode,
-    min_pool_size,
-    reserve_pool_size,
-    reserve_pool_timeout,
-    query_wait_timeout,
-    query_wait_notify,
-    client_login_timeout,
-    client_idle_timeout,
-    idle_transaction_timeout,
-    query_timeout,
-    server_connect_timeout,
-    server_idle_timeout,
-    server_lifetime,
-    server_check_delay,
-});
+));
 
-const DATABASE_KEYS: &[&str] = keys_of!(RawDatabase {
+const DATABASE_KEYS: &[&str] = with_shared_keys!(keys_of!(RawDatabase;
     host,
     port,
     dbname,
@@ -65,85 +81,28 @@ const DATABASE_KEYS: &[&str] = keys_of!(RawDatabase {
     server_connect_concurrency,
     server_user,
     server_password,
-    pool_mode,
-    min_pool_size,
-    reserve_pool_size,
-    reserve_pool_timeout,
-    query_wait_timeout,
-    query_wait_notify,
-    client_login_timeout,
-    client_idle_timeout,
-    idle_transaction_timeout,
-    query_timeout,
-    server_connect_timeout,
-    server_idle_timeout,
-    server_lifetime,
-    server_check_delay,
-});
+));
 
-const TENANT_KEYS: &[&str] = keys_of!(RawTenant {
+const TENANT_KEYS: &[&str] = with_shared_keys!(keys_of!(RawTenant;
     min_server_conn,
     max_server_conn,
     weight,
     max_queue,
     max_client_conn,
     pool_size,
-    pool_mode,
-    min_pool_size,
-    reserve_pool_size,
-    reserve_pool_timeout,
-    query_wait_timeout,
-    query_wait_notify,
-    client_login_timeout,
-    client_idle_timeout,
-    idle_transaction_timeout,
-    query_timeout,
-    server_connect_timeout,
-    server_idle_timeout,
-    server_lifetime,
-    server_check_delay,
-});
+));
 
-const USER_KEYS: &[&str] = keys_of!(RawUser {
+const USER_KEYS: &[&str] = with_shared_keys!(keys_of!(RawUser;
     password,
     auth,
     tenant,
     max_client_conn,
     pool_size,
     server_password,
-    pool_mode,
-    min_pool_size,
-    reserve_pool_size,
-    reserve_pool_timeout,
-    query_wait_timeout,
-    query_wait_notify,
-    client_login_timeout,
-    client_idle_timeout,
-    idle_transaction_timeout,
-    query_timeout,
-    server_connect_timeout,
-    server_idle_timeout,
-    server_lifetime,
-    server_check_delay,
-});
+));
 
 /// Keys every scope shares (documented once, in the global section, with their precedence).
-const SHARED_KEYS: &[&str] = &[
-    "pool_mode",
-    "min_pool_size",
-    "reserve_pool_size",
-    "reserve_pool_timeout",
-    "query_wait_timeout",
-    "query_wait_notify",
-    "client_login_timeout",
-    "client_idle_timeout",
-    "idle_transaction_timeout",
-    "query_timeout",
-    "server_connect_timeout",
-    "server_idle_timeout",
-    "server_lifetime",
-    "server_check_delay",
-];
+const SHARED_KEYS: &[&str] = with_shared_keys!(names!());
 
 /// Global keys that are tables rather than `key = value` lines.
 const TABLE_KEYS: &[&str] = &["databases", "tenants", "users"];
