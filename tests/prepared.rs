@@ -146,10 +146,19 @@ async fn expect_tags(r: &mut Raw, bytes: &[u8], want: &[&str]) -> Vec<Vec<Msg>> 
     got
 }
 
+/// Bind (unnamed portal, no parameters), Execute and Sync of statement `stmt`.
+fn run(stmt: &str) -> Vec<u8> {
+    cat(&[raw::bind(stmt), raw::execute(), raw::sync()])
+}
+
+/// Parse of `sql` as `stmt`, then `run(stmt)`.
+fn prepare_and_run(stmt: &str, sql: &str) -> Vec<u8> {
+    cat(&[raw::parse(stmt, sql), run(stmt)])
+}
+
 /// Runs `stmt` (unnamed portal, no parameters): its first values, or the error.
 async fn run_named(r: &mut Raw, stmt: &str) -> Result<Vec<String>, Msg> {
-    r.send(&cat(&[raw::bind(stmt), raw::execute(), raw::sync()]))
-        .await;
+    r.send(&run(stmt)).await;
     let seg = r.recv_until(b'Z').await;
     match seg.iter().find(|m| m.tag == b'E') {
         Some(e) => {
@@ -312,15 +321,10 @@ async fn pipeline_with_several_syncs_is_answered_in_order() {
     let proxy = start_proxy(&proxy_config(&db, "default_pool_size = 2")).await;
     let mut r = login(&proxy, &db).await;
     let bytes = cat(&[
-        raw::parse("a", "select 1 as a"),
-        raw::bind("a"),
-        raw::execute(),
-        raw::sync(),
+        prepare_and_run("a", "select 1 as a"),
         raw::parse("b", "select 2 as b"),
         describe(b'S', "b"),
-        raw::bind("b"),
-        raw::execute(),
-        raw::sync(),
+        run("b"),
         close(b'S', "a"),
         raw::sync(),
     ]);
@@ -340,15 +344,10 @@ async fn pipeline_with_several_syncs_is_answered_in_order() {
     // The same pipeline again from a second client (the statements are now hits somewhere).
     let mut r2 = login(&proxy, &db).await;
     let bytes = cat(&[
-        raw::parse("a", "select 1 as a"),
-        raw::bind("a"),
-        raw::execute(),
-        raw::sync(),
+        prepare_and_run("a", "select 1 as a"),
         raw::parse("b", "select 2 as b"),
         describe(b'S', "b"),
-        raw::bind("b"),
-        raw::execute(),
-        raw::sync(),
+        run("b"),
         close(b'S', "a"),
         raw::sync(),
     ]);
@@ -363,17 +362,9 @@ async fn error_mid_pipeline_skips_to_sync_and_forgets_the_failed_statement() {
     let proxy = start_proxy(&proxy_config(&db, "default_pool_size = 2")).await;
     let mut r = login(&proxy, &db).await;
     let bytes = cat(&[
-        raw::parse("g", "select 'good'"),
-        raw::bind("g"),
-        raw::execute(),
-        raw::sync(),
-        raw::parse("x", "selec oops"),
-        raw::bind("x"),
-        raw::execute(),
-        raw::sync(),
-        raw::bind("g"),
-        raw::execute(),
-        raw::sync(),
+        prepare_and_run("g", "select 'good'"),
+        prepare_and_run("x", "selec oops"),
+        run("g"),
     ]);
     let seg = expect_tags(&mut r, &bytes, &["12DCZ", "EZ", "2DCZ"]).await;
     assert_eq!(values(&seg[0]), ["good"]);
@@ -403,9 +394,7 @@ async fn error_mid_pipeline_skips_to_sync_and_forgets_the_failed_statement() {
         raw::execute(),
         raw::parse("z", "select 'z'"),
         raw::sync(),
-        raw::bind("y"),
-        raw::execute(),
-        raw::sync(),
+        run("y"),
     ]);
     let seg = expect_tags(&mut r, &bytes, &["1EZ", "2DCZ"]).await;
     assert_eq!(error_of(&seg[0]).code(), "26000");
@@ -464,9 +453,7 @@ async fn statements_of_a_failed_segment_are_not_assumed_by_the_next_segment() {
         raw::parse("a", "select 11"), // skipped by the backend
         raw::sync(),
         raw::parse("b", "select 11"), // same text as a
-        raw::bind("b"),
-        raw::execute(),
-        raw::sync(),
+        run("b"),
     ]);
     r.send(&bytes).await;
     let seg = segments(&mut r, 2).await;
@@ -491,9 +478,7 @@ async fn statements_of_a_failed_segment_are_not_assumed_by_the_next_segment() {
         raw::bind("s"), // skipped, and so is the Parse injected before it
         raw::execute(),
         raw::sync(),
-        raw::bind("s"),
-        raw::execute(),
-        raw::sync(),
+        run("s"),
     ]);
     r.send(&bytes).await;
     let seg = segments(&mut r, 2).await;
@@ -519,17 +504,9 @@ async fn duplicate_parse_is_42p05_and_keeps_the_first_statement() {
     let proxy = start_proxy(&proxy_config(&db, "default_pool_size = 2")).await;
     let mut r = login(&proxy, &db).await;
     let bytes = cat(&[
-        raw::parse("d", "select 'first'"),
-        raw::bind("d"),
-        raw::execute(),
-        raw::sync(),
-        raw::parse("d", "select 'second'"),
-        raw::bind("d"),
-        raw::execute(),
-        raw::sync(),
-        raw::bind("d"),
-        raw::execute(),
-        raw::sync(),
+        prepare_and_run("d", "select 'first'"),
+        prepare_and_run("d", "select 'second'"),
+        run("d"),
     ]);
     let seg = expect_tags(&mut r, &bytes, &["12DCZ", "EZ", "2DCZ"]).await;
     assert_eq!(values(&seg[0]), ["first"]);
@@ -543,10 +520,7 @@ async fn duplicate_parse_is_42p05_and_keeps_the_first_statement() {
     // Twice in one segment: the first one's ParseComplete, then the error.
     let bytes = cat(&[
         raw::parse("e", "select 'e1'"),
-        raw::parse("e", "select 'e2'"),
-        raw::bind("e"),
-        raw::execute(),
-        raw::sync(),
+        prepare_and_run("e", "select 'e2'"),
     ]);
     let seg = expect_tags(&mut r, &bytes, &["1EZ"]).await;
     assert_eq!(error_of(&seg[0]).code(), "42P05");
@@ -880,13 +854,7 @@ async fn session_mode_passes_named_statements_through() {
     ))
     .await;
     let mut r = login(&proxy, &db).await;
-    let bytes = cat(&[
-        raw::parse("s1", "select 5"),
-        describe(b'S', "s1"),
-        raw::bind("s1"),
-        raw::execute(),
-        raw::sync(),
-    ]);
+    let bytes = cat(&[raw::parse("s1", "select 5"), describe(b'S', "s1"), run("s1")]);
     let seg = expect_tags(&mut r, &bytes, &["1tT2DCZ"]).await;
     assert_eq!(values(&seg[0]), ["5"]);
     assert_eq!(server_statements(&mut r).await, ["s1"]);
