@@ -32,7 +32,7 @@ use crate::proto::frame::{parse_header, HEADER_LEN};
 use crate::proto::{ProtoError, Reader};
 use crate::server::{CancelTarget, ServerConn};
 use expect::Route;
-use requests::{Flags, Step};
+use requests::{Flags, Segment, Step};
 use timers::{Expired, Phase};
 
 /// Bytes reserved per read.
@@ -135,8 +135,7 @@ where
         mode,
         flags: Flags {
             track: mode == Mode::Transaction,
-            unsynced: false,
-            flushed: false,
+            segment: Segment::Synced,
             skip_to_sync: false,
         },
         c_skip: 0,
@@ -180,7 +179,7 @@ enum Scan {
 impl State<'_> {
     fn clean(&self, server: &ServerConn) -> bool {
         self.view.expect.is_empty()
-            && !self.flags.unsynced
+            && !self.flags.segment.unsynced()
             && self.c_skip == 0
             && self.s_skip == 0
             && self.view.tx_status == b'I'
@@ -200,9 +199,8 @@ impl State<'_> {
         // Extended-protocol messages with neither Sync nor Flush after them, and nothing synced
         // still owed ahead of them: the server holds its answers until the client finishes
         // the request, so nothing runs on its behalf.
-        let awaiting_client = self.flags.unsynced
-            && !self.flags.flushed
-            && !self.view.expect.iter().any(|(_, e)| e.ends_with_ready());
+        let awaiting_client =
+            self.flags.segment == Segment::Open && !self.view.expect.iter().any(|(_, e)| e.ends_with_ready());
         if self.s_skip > 0 || (!self.view.expect.is_empty() && !awaiting_client) {
             Phase::Busy
         } else if self.view.tx_status == b'I' && self.mode == Mode::Session {
@@ -218,7 +216,7 @@ impl State<'_> {
     /// status aside).
     fn quiescent(&self, server: &ServerConn) -> bool {
         self.view.expect.is_empty()
-            && !self.flags.unsynced
+            && !self.flags.segment.unsynced()
             && self.c_skip == 0
             && self.s_skip == 0
             && server.wbuf.is_empty()
@@ -266,7 +264,7 @@ impl State<'_> {
             pending: u32::try_from(pending).unwrap_or(u32::MAX),
             tx_status: self.view.tx_status,
             client_skip: self.c_skip,
-            unsynced: self.flags.unsynced,
+            unsynced: self.flags.segment.unsynced(),
             timed_out,
         })
     }

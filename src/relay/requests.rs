@@ -43,12 +43,28 @@ pub enum Step {
 pub struct Flags {
     /// Rewrite statements and track session commands (transaction mode).
     pub track: bool,
-    /// Extended-protocol messages were forwarded after the last Sync.
-    pub unsynced: bool,
-    /// The last of those was a Flush: the client waits for the server's answers.
-    pub flushed: bool,
+    /// Where the client's extended-protocol request stands.
+    pub segment: Segment,
     /// An error was answered: drop the client's messages up to its Sync, as the backend does.
     pub skip_to_sync: bool,
+}
+
+/// Where the client's current extended-protocol request (up to its Sync) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment {
+    /// Nothing forwarded since the last Sync.
+    Synced,
+    /// Messages forwarded, no Sync yet; the server holds its answers.
+    Open,
+    /// Messages forwarded and a Flush last: the client waits for the answers so far.
+    Flushed,
+}
+
+impl Segment {
+    /// Extended-protocol messages were forwarded after the last Sync.
+    pub fn unsynced(self) -> bool {
+        self != Segment::Synced
+    }
 }
 
 /// Handles the message whose header is `h` at the front of `buf`.
@@ -91,8 +107,7 @@ pub fn handle(
         }
         b'S' => {
             flags.skip_to_sync = false;
-            flags.unsynced = false;
-            flags.flushed = false;
+            flags.segment = Segment::Synced;
             view.syncs += 1;
             if view.copy_in {
                 // The backend ignores Sync in COPY-in mode: nothing is owed for it.
@@ -107,8 +122,7 @@ pub fn handle(
             Ok(forward(buf, h, server))
         }
         b'H' => {
-            flags.unsynced = true;
-            flags.flushed = true;
+            flags.segment = Segment::Flushed;
             Ok(forward(buf, h, server))
         }
         b'd' => Ok(forward(buf, h, server)),
@@ -117,8 +131,7 @@ pub fn handle(
             Ok(forward(buf, h, server))
         }
         b'P' | b'B' | b'D' | b'E' | b'C' => {
-            flags.unsynced = true;
-            flags.flushed = false;
+            flags.segment = Segment::Open;
             extended(h, buf, view, server, flags)
         }
         _ => Err(ProtoError::Invalid("frontend message type")),
