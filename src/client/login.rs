@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use super::cancel::CancelHandle;
+use super::session::RESET_LIMIT;
 use super::ClientError;
 use crate::pool::{Pool, Verdict};
 use crate::proto::backend;
@@ -41,7 +42,8 @@ pub async fn prepare_session(
         for (name, value) in unknown {
             let mut wanted = server.applied.clone();
             wanted.insert(name.clone(), SettingValue::Text(value.clone()));
-            match server.sync_settings(&wanted).await {
+            let checked = tokio::time::timeout(RESET_LIMIT, server.sync_settings(&wanted)).await;
+            match checked.unwrap_or(Err(crate::server::ServerError::Closed)) {
                 Ok(None) => {
                     let reported = lookup(&server.params, &name).map(|(_, v)| v.clone());
                     pool.record_verdict(&name, &value, Verdict::Ok(reported));

@@ -26,8 +26,9 @@ use crate::settings::Settings;
 const MAX_TRANSPARENT_RETRIES: usize = 1000;
 /// Bound on writing a FATAL to a client that was idle.
 const FATAL_FLUSH_LIMIT: Duration = Duration::from_secs(1);
-/// Bound on the session-mode reset query.
-const RESET_LIMIT: Duration = Duration::from_secs(10);
+/// Bound on the proxy's own statements on a server connection (session settings, the
+/// session-mode reset query, the cleanup after a timeout).
+pub(super) const RESET_LIMIT: Duration = Duration::from_secs(10);
 
 /// Serves a logged-in client until it leaves.
 pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
@@ -294,22 +295,31 @@ async fn checkout(
     loop {
         attempts += 1;
         let mut server = pool.checkout(deadline).await?;
-        match server.sync_settings(settings).await {
-            Ok(None) => return Ok(server),
-            Ok(Some(err)) => {
+        let why = match tokio::time::timeout(RESET_LIMIT, server.sync_settings(settings)).await {
+            Ok(Ok(None)) => return Ok(server),
+            Ok(Ok(Some(err))) => {
                 server.release();
                 return Err(ClientError::Setting(err));
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 server.failed(None);
-                let expired = deadline.is_some_and(|d| Instant::now() >= d);
-                if expired || attempts >= MAX_TRANSPARENT_RETRIES {
-                    return Err(ClientError::ServerLost);
-                }
-                PoolStats::bump(&pool.stats.transparent_retries);
-                tracing::debug!(pool = %pool.key, error = %e, "server failed before the request reached it; retrying");
+                e.to_string()
             }
+            Err(_) => {
+                // Alive but not answering: close it rather than wait on it.
+                server.discard();
+                format!(
+                    "no answer to the session settings within {}",
+                    fmt_duration(RESET_LIMIT)
+                )
+            }
+        };
+        let expired = deadline.is_some_and(|d| Instant::now() >= d);
+        if expired || attempts >= MAX_TRANSPARENT_RETRIES {
+            return Err(ClientError::ServerLost);
         }
+        PoolStats::bump(&pool.stats.transparent_retries);
+        tracing::debug!(pool = %pool.key, error = %why, "server failed before the request reached it; retrying");
     }
 }
 

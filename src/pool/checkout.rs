@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use super::guard::Pooled;
 use super::slots::{Grant, QueueFull, Take};
 use super::{health, lock, Pool, PoolKey, PoolStats};
+use crate::config::duration::fmt_duration;
 use crate::server::{self, ServerConn, ServerError};
 
 /// Why a checkout produced no connection.
@@ -142,7 +143,16 @@ impl Pool {
         }
     }
 
-    /// Bound on waiting for a verification login.
+    /// A login (or a check right after it) outlasted `server_connect_timeout`.
+    fn connect_timed_out(&self) -> ServerError {
+        ServerError::ConnectTimeout {
+            addr: self.target.backend.to_string(),
+            after: fmt_duration(self.connect_limit()),
+        }
+    }
+
+    /// Bound on a login and on the proxy's own round trips to a server (the configured
+    /// `server_connect_timeout`, or 5 s when it is off: these must never hang).
     fn connect_limit(&self) -> std::time::Duration {
         self.settings
             .server_connect_timeout
@@ -178,7 +188,12 @@ impl Pool {
                 .settings
                 .server_check_delay
                 .is_some_and(|d| c.last_used.elapsed() >= d);
-        let alive = alive && (!must_answer || matches!(c.simple_query("").await, Ok(None)));
+        let alive = alive
+            && (!must_answer
+                || matches!(
+                    tokio::time::timeout(self.connect_limit(), c.simple_query("")).await,
+                    Ok(Ok(None))
+                ));
         if alive {
             c.checked_at = suspicion;
             return true;
@@ -302,20 +317,27 @@ impl Pool {
     pub(super) async fn login(self: &Arc<Self>) -> Result<ServerConn, ServerError> {
         let suspicion = self.suspicion();
         let turn = self.db.login_turn().await;
-        let mut conn = server::connect(
-            &self.target,
-            &self.credentials(),
-            self.settings.server_connect_timeout,
-        )
-        .await?;
-        let identity = conn.query_text(IDENTITY_QUERY).await?;
+        // Once it is this login's turn, everything up to a usable connection is bounded by
+        // `server_connect_timeout` (the connect and authentication, and the proxy's own round
+        // trips after them), so a hung backend cannot hold a login turn.
+        let limit = self.connect_limit();
+        let opened = tokio::time::timeout(limit, async {
+            let mut conn = server::connect(&self.target, &self.credentials(), Some(limit)).await?;
+            let identity = conn.query_text(IDENTITY_QUERY).await?;
+            Ok::<_, ServerError>((conn, identity))
+        })
+        .await;
         drop(turn);
+        let (mut conn, identity) = opened.unwrap_or_else(|_| Err(self.connect_timed_out()))?;
         self.db.backend_has_room();
         if self.suspicion() != suspicion {
             // Another connection died while this one logged in (a restart signals every
             // backend at once): prove this one survived before a client uses it.
-            if let Some(err) = conn.simple_query("").await? {
-                return Err(ServerError::Fatal(err));
+            match tokio::time::timeout(limit, conn.simple_query("")).await {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(err))) => return Err(ServerError::Fatal(err)),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(self.connect_timed_out()),
             }
         }
         if self.health.login_succeeded(identity) {
