@@ -16,3 +16,4 @@ pub mod proto;
 pub mod relay;
 pub mod server;
 pub mod settings;
+pub mod sync;

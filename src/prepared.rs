@@ -6,6 +6,7 @@
 //! (an LRU bounded by `max_prepared_statements`; evicted ones are closed on the server).
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -41,7 +42,8 @@ impl Statement {
         let mut name = String::with_capacity(NAME_PREFIX.len() + 24);
         name.push_str(NAME_PREFIX);
         for b in digest.iter().take(12) {
-            name.push_str(&format!("{b:02x}"));
+            // Infallible into a String; no allocation per byte.
+            let _ = write!(name, "{b:02x}");
         }
         let mut parse = BytesMut::with_capacity(query.len() + param_types.len() + name.len() + 8);
         write_message(&mut parse, b'P', |o| {

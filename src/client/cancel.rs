@@ -7,12 +7,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 
 use crate::server::{CancelTarget, ServerConn};
+use crate::sync::lock;
 
 /// A client's cancel state, behind its own lock: attach/detach on every transaction touch
 /// only this, never the registry's map. While the client is queued for a server connection,
@@ -36,10 +37,6 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
     entries: Mutex<HashMap<u32, Entry>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl CancelRegistry {

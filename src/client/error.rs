@@ -158,7 +158,7 @@ impl ClientError {
             },
             ClientError::Setting(e) => e.clone().with_severity(severity),
             ClientError::ServerLost => PgError::new(severity, code::CONNECTION_FAILURE, msg),
-            ClientError::TransactionAborted => PgError::new(severity, "25P02", msg),
+            ClientError::TransactionAborted => PgError::new(severity, code::IN_FAILED_SQL_TRANSACTION, msg),
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::proto::backend::{self, PgError, Severity};
 use crate::proto::frame::parse_header;
 use crate::relay::{relay, ClientIo, Mode, Outcome, SessionView, Timers};
 use crate::settings::Settings;
+use crate::sync::until;
 
 /// A backstop on replacing server connections that die before any client byte reached them
 /// (the client's deadline is the real bound).
@@ -233,7 +234,7 @@ async fn wait_for_server<C: AsyncRead + AsyncWrite + Unpin>(
                 let waited = pool.settings.query_wait_notify.unwrap_or_default();
                 PgError::new(
                     Severity::Notice,
-                    "00000",
+                    crate::proto::sqlstate::SUCCESSFUL_COMPLETION,
                     format!(
                         "no server connection available yet (pool {}, tenant {}): waiting for one, {} so far",
                         pool.key,
@@ -256,30 +257,26 @@ async fn wait_for_server<C: AsyncRead + AsyncWrite + Unpin>(
     result
 }
 
-/// Sleeps until `at`, or forever when there is no `at`.
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Brings back a server connection whose client was disconnected inside a transaction: rolls
 /// the transaction back and resets the session (the client's SET LOCALs and the like are
 /// unknown), so the next client finds it clean. Closed instead if that fails.
-async fn clean_server(mut server: Pooled) {
-    for sql in ["ROLLBACK", "DISCARD ALL"] {
-        match tokio::time::timeout(RESET_LIMIT, server.simple_query(sql)).await {
-            Ok(Ok(None)) => {}
-            _ => {
-                server.discard();
-                return;
-            }
+async fn clean_server(server: Pooled) {
+    reset_and_release(server, &["ROLLBACK", "DISCARD ALL"]).await;
+}
+
+/// Runs the proxy's own cleanup statements on a server connection, each bounded by
+/// `RESET_LIMIT`, and returns it to the pool in its login state; closes it if one fails.
+async fn reset_and_release(mut server: Pooled, statements: &[&str]) {
+    for sql in statements {
+        if !matches!(
+            tokio::time::timeout(RESET_LIMIT, server.simple_query(sql)).await,
+            Ok(Ok(None))
+        ) {
+            server.discard();
+            return;
         }
     }
-    server.applied.clear();
-    server.stale.clear();
-    server.prepared.clear();
+    server.discarded();
     server.release();
 }
 
@@ -392,7 +389,7 @@ fn collect_counters(pool: &Pool, view: &mut SessionView) {
 }
 
 /// Returns or closes the server connection of a client that left.
-async fn finish_server(mut server: Pooled, clean: bool, mode: Mode) {
+async fn finish_server(server: Pooled, clean: bool, mode: Mode) {
     if !clean {
         // Mid-transaction or mid-COPY: its state is unknown, never reuse it.
         server.discard();
@@ -400,17 +397,7 @@ async fn finish_server(mut server: Pooled, clean: bool, mode: Mode) {
     }
     if mode == Mode::Session && !server.pool().reset_query.is_empty() {
         let sql = server.pool().reset_query.clone();
-        match tokio::time::timeout(RESET_LIMIT, server.simple_query(&sql)).await {
-            Ok(Ok(None)) => {
-                server.applied.clear();
-                server.stale.clear();
-                server.prepared.clear();
-            }
-            _ => {
-                server.discard();
-                return;
-            }
-        }
+        return reset_and_release(server, &[&sql]).await;
     }
     server.release();
 }

@@ -8,9 +8,10 @@ use tokio::time::Instant;
 
 use super::guard::Pooled;
 use super::slots::{Grant, QueueFull, Take};
-use super::{health, lock, Pool, PoolKey, PoolStats};
+use super::{health, Pool, PoolKey, PoolStats};
 use crate::config::duration::fmt_duration;
 use crate::server::{self, ServerConn, ServerError};
+use crate::sync::{lock, until};
 
 /// Why a checkout produced no connection.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +121,7 @@ impl Pool {
                         Some(g) => g,
                         None => {
                             PoolStats::bump(&self.stats.wait_timeouts);
-                            if self.health.outage().is_some() {
+                            if self.health.is_down() {
                                 return Err(self.outage_error(started));
                             }
                             return Err(self.wait_timeout(started));
@@ -223,7 +224,7 @@ impl Pool {
         };
         let mut held = false;
         loop {
-            let probe = if self.health.outage().is_some() {
+            let probe = if self.health.is_down() {
                 if !held {
                     held = true;
                     PoolStats::bump(&self.stats.clients_held);
@@ -232,10 +233,10 @@ impl Pool {
                     None => self.health.probe.lock().await,
                     Some(d) => match tokio::time::timeout_at(d, self.health.probe.lock()).await {
                         Ok(g) => g,
-                        Err(_) => return Err(self.give_up(started)),
+                        Err(_) => return Err(self.outage_error(started)),
                     },
                 };
-                if self.health.outage().is_none() {
+                if !self.health.is_down() {
                     continue;
                 }
                 let at = self.health.next_probe();
@@ -243,7 +244,7 @@ impl Pool {
                     if let Some(d) = deadline {
                         tokio::time::sleep_until(d).await;
                     }
-                    return Err(self.give_up(started));
+                    return Err(self.outage_error(started));
                 }
                 tokio::time::sleep_until(at).await;
                 PoolStats::bump(&self.stats.reconnect_attempts);
@@ -256,7 +257,7 @@ impl Pool {
                 Some(d) => match tokio::time::timeout_at(d, self.login()).await {
                     Ok(r) => r,
                     // Waiting for a login turn, or the login itself, outlasted the deadline.
-                    Err(_) => return Err(self.give_up(started)),
+                    Err(_) => return Err(self.outage_error(started)),
                 },
             };
             match attempt {
@@ -296,7 +297,7 @@ impl Pool {
                     }
                     drop(probe);
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(self.give_up(started));
+                        return Err(self.outage_error(started));
                     }
                 }
                 Err(source) => {
@@ -356,13 +357,8 @@ impl Pool {
         Ok(conn)
     }
 
-    /// The error for a client that gives up opening a connection at its deadline: it names the
-    /// outage (57P03 if the backend last said it is starting up, else 08006), if any.
-    fn give_up(&self, started: Instant) -> CheckoutError {
-        self.outage_error(started)
-    }
-
-    /// The error for a client whose wait ended while the backend is (or was just) down.
+    /// The error for a client whose wait (or attempt to open a connection) ended while the
+    /// backend is (or was just) down: 57P03 if it last said it is starting up, else 08006.
     fn outage_error(&self, started: Instant) -> CheckoutError {
         match self.health.outage() {
             Some(o) => CheckoutError::BackendDown {
@@ -427,14 +423,6 @@ impl WaitGuard {
             self.rx = None;
         }
         res
-    }
-}
-
-/// Sleeps until `at`, or forever when there is no `at`.
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

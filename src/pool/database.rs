@@ -11,11 +11,11 @@ use tokio::time::Instant;
 
 use super::grants::GrantRecord;
 use super::health::{BACKOFF_CAP, BACKOFF_START};
-use super::lock;
 use super::slots::{Share, Slots};
 use super::tenant::TenantState;
 use crate::config::{Database, PoolSettings, Tenant};
 use crate::server::ServerConn;
+use crate::sync::lock;
 
 /// Counters and gauges of one database.
 #[derive(Debug, Default)]

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::lock;
 use crate::proto::sqlstate;
 use crate::server::ServerError;
+use crate::sync::lock;
 
 /// First pause between probes of a down backend.
 pub const BACKOFF_START: Duration = Duration::from_millis(25);
@@ -26,7 +26,7 @@ pub fn is_transient(e: &ServerError) -> bool {
             let code = err.code();
             code == sqlstate::CANNOT_CONNECT_NOW
                 || code == sqlstate::ADMIN_SHUTDOWN
-                || code == "57P02"
+                || code == sqlstate::CRASH_SHUTDOWN
                 || code.starts_with("08")
         }
         ServerError::AuthUnsupported(_)
@@ -143,6 +143,11 @@ impl Health {
     /// The current outage, if the backend is down.
     pub fn outage(&self) -> Option<Outage> {
         lock(&self.state).outage.clone()
+    }
+
+    /// Whether the backend is down (without copying the outage).
+    pub fn is_down(&self) -> bool {
+        lock(&self.state).outage.is_some()
     }
 
     /// The generation new connections belong to.

@@ -105,7 +105,7 @@ fn hand_over_idle(pool: &Pool) {
 /// a slot, one at a time.
 async fn warm_up(pool: &Arc<Pool>) {
     let min = pool.settings.min_pool_size;
-    while min > 0 && pool.health.outage().is_none() && !pool.db.is_full() {
+    while min > 0 && !pool.health.is_down() && !pool.db.is_full() {
         let c = pool.counts();
         if c.idle + c.active + c.connecting >= min || !pool.db.lock().reserve_for_warmup(pool.idx) {
             return;

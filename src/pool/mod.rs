@@ -18,7 +18,9 @@ pub mod stats;
 pub mod tenant;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::sync::lock;
 
 pub use checkout::CheckoutError;
 pub use database::DbSlots;
@@ -72,11 +74,6 @@ pub struct Pool {
     pub stats: PoolStats,
     params: Mutex<Option<Arc<ServerParams>>>,
     verdicts: Mutex<HashMap<(String, String), Verdict>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a pool lock leaves plain data behind; keep serving.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Pool {
@@ -224,7 +221,7 @@ impl Pool {
     /// else retires only that connection (an operator's pg_terminate_backend hits one).
     pub fn server_failed(&self, err: Option<&PgError>) {
         self.suspect_idle();
-        if err.is_some_and(|e| e.code() == "57P02") {
+        if err.is_some_and(|e| e.code() == crate::proto::sqlstate::CRASH_SHUTDOWN) {
             PoolStats::bump(&self.stats.restarts_detected);
             self.reconnect();
         }
@@ -234,10 +231,8 @@ impl Pool {
     /// fresh login. Until that verdict, checkouts wait (briefly) instead of taking idle
     /// connections that may be dying too. A transient failure marks the backend down and
     /// retires every older connection; a success puts the new connection in the pool.
-    fn replace_failed(self: &Arc<Self>, mut conn: ServerConn, err: Option<&PgError>) {
-        conn.terminate_nowait();
-        drop(conn);
-        PoolStats::bump(&self.stats.servers_closed);
+    fn replace_failed(self: &Arc<Self>, conn: ServerConn, err: Option<&PgError>) {
+        self.terminate(conn);
         self.server_failed(err);
         self.health.begin_verify();
         // The dead connection's slot now counts as a connection being opened.

@@ -33,3 +33,13 @@ pub const INTERNAL_ERROR: SqlState = "XX000";
 pub const IDLE_SESSION_TIMEOUT: SqlState = "57P05";
 /// idle_in_transaction_session_timeout.
 pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = "25P03";
+/// successful_completion: the code of a NOTICE the proxy sends.
+pub const SUCCESSFUL_COMPLETION: SqlState = "00000";
+/// duplicate_prepared_statement.
+pub const DUPLICATE_PSTATEMENT: SqlState = "42P05";
+/// invalid_sql_statement_name: no such prepared statement.
+pub const INVALID_SQL_STATEMENT_NAME: SqlState = "26000";
+/// in_failed_sql_transaction: a command inside a failed transaction block.
+pub const IN_FAILED_SQL_TRANSACTION: SqlState = "25P02";
+/// crash_shutdown: the backend went down with another backend's crash.
+pub const CRASH_SHUTDOWN: SqlState = "57P02";

@@ -253,14 +253,9 @@ fn on_command_complete(
         Tag::Begin => view.block_open = true,
         Tag::Commit => view.committed(server),
         Tag::Rollback => view.rolled_back(),
-        Tag::DiscardAll | Tag::DeallocateAll => {
-            server.prepared.clear();
-            if tag == Tag::DiscardAll {
-                // Whoever sent it, the server's state is back to its login state.
-                server.applied.clear();
-                server.stale.clear();
-            }
-        }
+        // Whoever sent it, the server's state is back to its login state.
+        Tag::DiscardAll => server.discarded(),
+        Tag::DeallocateAll => server.prepared.clear(),
         Tag::Set | Tag::Reset | Tag::Other => {}
     }
     if let Some(cmd) = cmd {

@@ -29,6 +29,7 @@ pub use view::{SessionView, StatementCounters};
 use crate::config::duration::fmt_duration;
 use crate::proto::backend::{parse_parameter_status, PgError, Severity};
 use crate::proto::frame::{parse_header, HEADER_LEN};
+use crate::proto::sqlstate;
 use crate::proto::{ProtoError, Reader};
 use crate::server::{CancelTarget, ServerConn};
 use expect::Route;
@@ -177,13 +178,9 @@ enum Scan {
 }
 
 impl State<'_> {
+    /// Quiescent and outside any transaction: reusable as is.
     fn clean(&self, server: &ServerConn) -> bool {
-        self.view.expect.is_empty()
-            && !self.flags.segment.unsynced()
-            && self.c_skip == 0
-            && self.s_skip == 0
-            && self.view.tx_status == b'I'
-            && server.wbuf.is_empty()
+        self.quiescent(server) && self.view.tx_status == b'I'
     }
 
     fn releasable(&self, server: &ServerConn) -> bool {
@@ -243,7 +240,7 @@ impl State<'_> {
                     return Some(Poll::Ready(Outcome::IdleInTransaction { server_clean }));
                 }
                 Poll::Ready(Expired::ClientIdle) => {
-                    let server_clean = self.quiescent(server) && self.view.tx_status == b'I';
+                    let server_clean = self.clean(server);
                     return Some(Poll::Ready(Outcome::ClientIdle { server_clean }));
                 }
             }
@@ -487,11 +484,13 @@ impl State<'_> {
                     }
                     let route = expect::on_server_message(self.view, server, b'E', None);
                     let limit = self.timers.as_deref().and_then(Timers::cancelled_after);
-                    if let (Route::Forward, Some(limit), "57014") = (&route, limit, err.code()) {
+                    if let (Route::Forward, Some(limit), sqlstate::QUERY_CANCELED) =
+                        (&route, limit, err.code())
+                    {
                         // The cancel was pgsluice's own: say so instead of "user request".
                         PgError::new(
                             Severity::Error,
-                            "57014",
+                            sqlstate::QUERY_CANCELED,
                             format!(
                                 "canceling statement due to query_timeout ({})",
                                 fmt_duration(limit)

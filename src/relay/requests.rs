@@ -13,6 +13,7 @@ use crate::prepared::{Presence, Statement};
 use crate::proto::backend::{put_cstr, PgError, Severity};
 use crate::proto::frame::{Header, HEADER_LEN};
 use crate::proto::sql::{classify, SessionCommand};
+use crate::proto::sqlstate;
 use crate::proto::{ProtoError, Reader};
 use crate::server::ServerConn;
 
@@ -185,7 +186,7 @@ fn extended(
                     view,
                     flags,
                     sqlstate_error(
-                        "42P05",
+                        sqlstate::DUPLICATE_PSTATEMENT,
                         format!("prepared statement \"{client_name}\" already exists"),
                     ),
                 ));
@@ -261,9 +262,10 @@ fn extended(
                 });
                 return Ok(forward(buf, h, server));
             }
-            let client_name = String::from_utf8_lossy(name).into_owned();
-            let step = drop_message(buf, h);
+            let client_name = String::from_utf8_lossy(name);
             if !is_describe {
+                let client_name = client_name.into_owned();
+                let step = drop_message(buf, h);
                 // Closing a statement only drops the client's name: the server keeps the shared
                 // statement for other clients. Closing an unknown name is not an error.
                 let before = view.statements.remove(&client_name);
@@ -273,9 +275,19 @@ fn extended(
                 ));
                 return Ok(step);
             }
-            let Some(stmt) = view.statements.get(&client_name).cloned() else {
-                refuse(view, flags, missing_statement(&client_name));
-                return Ok(step);
+            // Looked up before the message (which the name borrows) is dropped: no copy of the
+            // name on this path.
+            let found = match view.statements.get(client_name.as_ref()) {
+                Some(stmt) => Ok(stmt.clone()),
+                None => Err(missing_statement(&client_name)),
+            };
+            let step = drop_message(buf, h);
+            let stmt = match found {
+                Ok(stmt) => stmt,
+                Err(e) => {
+                    refuse(view, flags, e);
+                    return Ok(step);
+                }
             };
             ensure_prepared(view, server, &stmt);
             crate::proto::frame::write_message(&mut server.wbuf, b'D', |o| {
@@ -371,7 +383,13 @@ fn deallocate(view: &mut SessionView, name: Option<&str>) -> (Result<&'static st
     if view.tx_status == b'E' {
         // Inside a failed block PostgreSQL refuses every command but the block's end.
         let msg = "current transaction is aborted, commands ignored until end of transaction block";
-        return (Err(sqlstate_error("25P02", msg.to_string())), Vec::new());
+        return (
+            Err(sqlstate_error(
+                sqlstate::IN_FAILED_SQL_TRANSACTION,
+                msg.to_string(),
+            )),
+            Vec::new(),
+        );
     }
     match name {
         None => {
@@ -386,7 +404,10 @@ fn deallocate(view: &mut SessionView, name: Option<&str>) -> (Result<&'static st
 }
 
 fn missing_statement(name: &str) -> PgError {
-    sqlstate_error("26000", format!("prepared statement \"{name}\" does not exist"))
+    sqlstate_error(
+        sqlstate::INVALID_SQL_STATEMENT_NAME,
+        format!("prepared statement \"{name}\" does not exist"),
+    )
 }
 
 fn sqlstate_error(code: &str, message: String) -> PgError {

@@ -93,8 +93,6 @@ pub struct ServerConn {
     pub backend: Arc<Backend>,
     /// Process-unique id, for logs.
     pub id: u64,
-    /// When it logged in.
-    pub created: Instant,
     /// When it last went back to the pool.
     pub last_used: Instant,
     /// When the pool retires it (`server_lifetime`, with jitter); checked when idle.
@@ -221,5 +219,13 @@ impl ServerConn {
         self.applied.clone_from(wanted);
         self.stale.clear();
         Ok(None)
+    }
+
+    /// The backend ran DISCARD ALL (the session-mode reset, a cleanup, or a client's own):
+    /// its session is back at its login state, with no settings applied and no statements.
+    pub fn discarded(&mut self) {
+        self.applied.clear();
+        self.stale.clear();
+        self.prepared.clear();
     }
 }

@@ -109,7 +109,6 @@ async fn connect_unbounded(
         prepared: crate::prepared::PreparedCache::new(target.max_prepared),
         backend: target.backend.clone(),
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-        created: Instant::now(),
         last_used: Instant::now(),
         retire_at: None,
         generation: 0,
