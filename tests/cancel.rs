@@ -24,15 +24,7 @@ async fn cancel_token_cancels_the_running_query() {
     // CancelRequest and closes its socket at once.
     assert!(support::eventually(LIMIT, || pool.counts().active == 1).await);
     // ... and the backend is actually running it (a cancel reaching an idle backend is void).
-    let running = format!(
-        "select count(*) from pg_stat_activity where usename = '{}' and state = 'active' and query like 'select pg_sleep%'",
-        db.user
-    );
-    assert!(
-        support::eventually(LIMIT, || support::cluster().psql("postgres", &running).unwrap()
-            == "1")
-        .await
-    );
+    await_running(&db).await;
     token.cancel_query(NoTls).await.unwrap();
     let res = tokio::time::timeout(LIMIT, query)
         .await
@@ -50,14 +42,16 @@ async fn wrong_key_is_ignored() {
     let key = login.iter().find(|m| m.tag == b'K').unwrap();
     let pid = u32::from_be_bytes(key.body[0..4].try_into().unwrap());
     let secret = u32::from_be_bytes(key.body[4..8].try_into().unwrap());
-    r.send(&support::raw::query("select pg_sleep(0.5)")).await;
+    r.send(&support::raw::query("select pg_sleep(1)")).await;
+    // The cancel must arrive while the query runs, or it would prove nothing.
+    await_running(&db).await;
     let mut cancel = Raw::connect(proxy.addr()).await;
     let mut pkt = 16u32.to_be_bytes().to_vec();
     pkt.extend_from_slice(&80877102u32.to_be_bytes());
     pkt.extend_from_slice(&pid.to_be_bytes());
     pkt.extend_from_slice(&secret.wrapping_add(1).to_be_bytes());
     cancel.send(&pkt).await;
-    assert!(cancel.closed().await);
+    cancel.expect_closed().await;
     let msgs = tokio::time::timeout(LIMIT, r.recv_until(b'Z')).await.unwrap();
     assert!(
         msgs.iter().all(|m| m.tag != b'E'),
@@ -75,9 +69,26 @@ async fn late_cancel_does_not_hit_the_next_client() {
     // a is idle (no server connection); b now runs on the only server connection.
     let b = connect(&db.url(&proxy)).await;
     let pool = proxy.pools().all()[0].clone();
-    let query = tokio::spawn(async move { b.simple_query("select pg_sleep(0.5), 'done'").await });
+    let query = tokio::spawn(async move { b.simple_query("select pg_sleep(1), 'done'").await });
     assert!(support::eventually(LIMIT, || pool.counts().active == 1).await);
+    // b's query is running on the backend a's cancel would reach if it were misrouted.
+    await_running(&db).await;
     token.cancel_query(NoTls).await.unwrap();
     let res = tokio::time::timeout(LIMIT, query).await.unwrap().unwrap();
     assert!(res.is_ok(), "b's query must not be cancelled: {res:?}");
+}
+
+/// Waits until the backend runs one of `db`'s `pg_sleep` queries: a cancel reaching an idle
+/// backend is void, so a test's cancel must land inside the query to prove anything.
+async fn await_running(db: &TestDb) {
+    let running = format!(
+        "select count(*) from pg_stat_activity where usename = '{}' and state = 'active' and query like 'select pg_sleep%'",
+        db.user
+    );
+    assert!(
+        support::eventually(LIMIT, || support::cluster().psql("postgres", &running).unwrap()
+            == "1")
+        .await,
+        "the query never ran"
+    );
 }

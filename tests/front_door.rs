@@ -94,18 +94,11 @@ async fn expect_fatal(r: &mut Raw, code: &str) -> Msg {
         m.field(b'M')
     );
     assert_eq!(m.field(b'S').as_deref(), Some("FATAL"), "{:?}", m.field(b'M'));
-    expect_closed(r).await;
+    r.expect_closed().await;
     m
 }
 
 /// The proxy closes the connection (EOF) with nothing more to say.
-async fn expect_closed(r: &mut Raw) {
-    let next = timeout(LIMIT, r.recv())
-        .await
-        .expect("proxy did not close the connection");
-    assert!(next.is_none(), "expected EOF, got {next:?}");
-}
-
 /// Runs `sql` on a logged-in raw connection and returns the first column of every DataRow.
 async fn raw_query(r: &mut Raw, sql: &str) -> Vec<String> {
     r.send(&raw::query(sql)).await;
@@ -278,9 +271,7 @@ async fn startup_packet_length_is_checked_before_reading() {
     // A length prefix below the minimum of 8.
     let mut r = Raw::connect(proxy.addr()).await;
     r.send(&4u32.to_be_bytes()).await;
-    timeout(Duration::from_secs(5), expect_fatal(&mut r, "08P01"))
-        .await
-        .unwrap();
+    expect_fatal(&mut r, "08P01").await;
     // Announces 20,000 bytes (over PostgreSQL's 10,000), sends a few: refused at once with
     // PostgreSQL's "invalid length of startup packet" code, not after waiting for the rest.
     let mut r = Raw::connect(proxy.addr()).await;
@@ -288,9 +279,8 @@ async fn startup_packet_length_is_checked_before_reading() {
     b.extend_from_slice(&196_608u32.to_be_bytes());
     b.extend_from_slice(b"user\0");
     r.send(&b).await;
-    timeout(Duration::from_secs(5), expect_fatal(&mut r, "08P01"))
-        .await
-        .expect("the proxy waited for the rest of an oversized startup packet");
+    // (A proxy waiting for the rest would answer nothing, then 57014 at its login timeout.)
+    expect_fatal(&mut r, "08P01").await;
 }
 
 // 6.

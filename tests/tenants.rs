@@ -13,7 +13,7 @@ use std::time::Duration;
 use pgsluice::config::{Config, ConfigError};
 use pgsluice::pool::grants::How;
 use pgsluice::pool::PoolStats;
-use support::{cluster, connect, direct, eventually, sqlstate, start_proxy, TestDb};
+use support::{cluster, connect, eventually, sqlstate, start_proxy, BackendSampler, TestDb};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -198,30 +198,7 @@ async fn backend_never_sees_more_than_max_db_connections_under_a_1000_client_bur
         db.user
     );
     // Sample what the backend sees for this role while the burst runs.
-    let done = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let done = done.clone();
-        let role = db.user.clone();
-        tokio::spawn(async move {
-            let d = direct().await;
-            let mut max = 0i64;
-            for _ in 0..5000 {
-                if done.load(Ordering::Relaxed) {
-                    break;
-                }
-                let row = d
-                    .query_one(
-                        "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
-                        &[&role],
-                    )
-                    .await
-                    .unwrap();
-                max = max.max(row.get::<_, i64>(0));
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            max
-        })
-    };
+    let sampler = BackendSampler::start(&db.user);
     let clients: Vec<_> = (0..1000)
         .map(|i| {
             let u = url.clone();
@@ -239,8 +216,7 @@ async fn backend_never_sees_more_than_max_db_connections_under_a_1000_client_bur
     for cl in clients {
         tokio::time::timeout(LIMIT, cl).await.unwrap().unwrap();
     }
-    done.store(true, Ordering::Relaxed);
-    let max_seen = sampler.await.unwrap();
+    let max_seen = sampler.stop().await;
     let pool = proxy.pools().all().pop().unwrap();
     let slots = pool.db.clone();
     assert!(max_seen <= 20, "the backend saw {max_seen} connections");

@@ -4,8 +4,8 @@
 
 pub mod raw;
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pgsluice::app::Proxy;
@@ -185,4 +185,53 @@ pub fn first_value(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Option<String
 /// The SQLSTATE of a tokio-postgres error, if the server (or proxy) sent one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_string())
+}
+
+/// Samples, until stopped, how many backend connections a role has (pg_stat_activity), to
+/// check a cap held throughout a load.
+pub struct BackendSampler {
+    done: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(i64, u32)>,
+}
+
+impl BackendSampler {
+    /// Starts sampling `role` on its own direct connection.
+    pub fn start(role: &str) -> BackendSampler {
+        let done = Arc::new(AtomicBool::new(false));
+        let role = role.to_string();
+        let stop = done.clone();
+        let task = tokio::spawn(async move {
+            let d = direct().await;
+            let (mut max, mut samples) = (0i64, 0u32);
+            // Bounded in count; paced so the sampler does not compete with the load.
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let row = d
+                    .query_one(
+                        "select count(*) from pg_stat_activity where usename = $1",
+                        &[&role],
+                    )
+                    .await
+                    .unwrap();
+                max = max.max(row.get::<_, i64>(0));
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (max, samples)
+        });
+        BackendSampler { done, task }
+    }
+
+    /// Stops and returns (most connections seen, number of samples); asserts it sampled at all.
+    pub async fn stop(self) -> i64 {
+        self.done.store(true, Ordering::Relaxed);
+        let (max, samples) = self.task.await.unwrap();
+        assert!(
+            samples > 3,
+            "sampled the backend during the run ({samples} samples)"
+        );
+        max
+    }
 }

@@ -110,10 +110,10 @@ impl Raw {
         }
     }
 
-    /// Whether the server closed the connection (reads to EOF, dropping messages).
-    pub async fn closed(&mut self) -> bool {
-        while self.recv().await.is_some() {}
-        true
+    /// Asserts the proxy closes the connection with nothing more to say.
+    pub async fn expect_closed(&mut self) {
+        let next = self.recv().await;
+        assert!(next.is_none(), "expected EOF, got {next:?}");
     }
 
     /// Sends a StartupMessage with protocol `version` and `params`.
