@@ -338,18 +338,9 @@ async fn answer_lost_block<C: AsyncRead + AsyncWrite + Unpin>(
             return fail_request(io, &e, b'E').await;
         }
     };
-    let ends_block = tag == b'Q' && {
-        let sql = String::from_utf8_lossy(&body).to_ascii_lowercase();
-        let first = sql
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .trim_end_matches([';', '\0'])
-            .to_string();
-        let second = sql.split_whitespace().nth(1).unwrap_or("");
-        matches!(first.as_str(), "rollback" | "abort" | "commit" | "end")
-            && !matches!(second, "to" | "prepared")
-    };
+    let ends_block = tag == b'Q'
+        && std::str::from_utf8(body.strip_suffix(&[0]).unwrap_or(&body))
+            .is_ok_and(crate::proto::sql::ends_transaction_block);
     if ends_block {
         backend::command_complete(&mut io.out, "ROLLBACK");
         view.block_ended();

@@ -115,6 +115,21 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
     }
 }
 
+/// Whether `sql` is one statement that ends a transaction block: COMMIT, END, ROLLBACK or
+/// ABORT, but not `ROLLBACK TO SAVEPOINT`, `COMMIT PREPARED` or `ROLLBACK PREPARED`.
+/// Case-insensitive, comments skipped, no allocation.
+pub fn ends_transaction_block(sql: &str) -> bool {
+    let Some(stmt) = single_statement(sql) else {
+        return false;
+    };
+    let (first, rest) = split_word(stmt);
+    let (second, _) = split_word(skip_comments(rest).unwrap_or(""));
+    ["commit", "end", "rollback", "abort"]
+        .iter()
+        .any(|k| first.eq_ignore_ascii_case(k))
+        && !["to", "prepared"].iter().any(|k| second.eq_ignore_ascii_case(k))
+}
+
 /// The statement without leading comments/whitespace and one trailing `;`; `None` if another
 /// statement follows (a `;` outside quotes before the end).
 fn single_statement(sql: &str) -> Option<&str> {
@@ -289,5 +304,29 @@ mod tests {
             assert_eq!(classify(sql), None, "{sql}");
         }
         assert_eq!(classify("SET a = 'x;y'"), set("a", "'x;y'"));
+    }
+
+    #[test]
+    fn recognises_the_end_of_a_transaction_block() {
+        for sql in [
+            "ROLLBACK",
+            "rollback;",
+            "/* app */ Rollback work",
+            "abort",
+            "COMMIT",
+            "end transaction;",
+        ] {
+            assert!(ends_transaction_block(sql), "{sql}");
+        }
+        for sql in [
+            "ROLLBACK TO SAVEPOINT a",
+            "rollback /* x */ to a",
+            "COMMIT PREPARED 'x'",
+            "select 1",
+            "rollback; select 1",
+            "",
+        ] {
+            assert!(!ends_transaction_block(sql), "{sql}");
+        }
     }
 }
