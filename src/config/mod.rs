@@ -189,6 +189,14 @@ impl PoolSettings {
         }
     }
 
+    /// These (global) settings with the scopes of the (db, user) pool laid over them:
+    /// user > tenant > database > global.
+    pub fn for_pool(&self, db: &Database, user: &User) -> PoolSettings {
+        self.overlay(&db.shared)
+            .overlay(&user.tenant.shared)
+            .overlay(&user.shared)
+    }
+
     /// These settings with what one scope sets laid over them.
     pub fn overlay(&self, o: &RawShared) -> PoolSettings {
         PoolSettings {
@@ -258,9 +266,6 @@ impl Config {
 
     /// Pool behaviour for (database, user): user > tenant > database > global.
     pub fn pool_settings(&self, db: &Database, user: &User) -> PoolSettings {
-        self.defaults
-            .overlay(&db.shared)
-            .overlay(&user.tenant.shared)
-            .overlay(&user.shared)
+        self.defaults.for_pool(db, user)
     }
 }

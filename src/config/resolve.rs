@@ -68,13 +68,18 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
             users.insert(name.clone(), Arc::new(user));
         }
     }
-    check_tenants(&raw, &databases, &tenants, &users, &mut problems, &mut warnings);
+    check_tenants(
+        &raw,
+        &defaults,
+        &databases,
+        &tenants,
+        &users,
+        &mut problems,
+        &mut warnings,
+    );
     for db in databases.values() {
         for user in users.values() {
-            let s = defaults
-                .overlay(&db.shared)
-                .overlay(&user.tenant.shared)
-                .overlay(&user.shared);
+            let s = defaults.for_pool(db, user);
             if s.min_pool_size > s.pool_size {
                 problems.push(format!(
                     "pool {}/{}: min_pool_size = {} is above its pool_size = {}",
@@ -138,6 +143,7 @@ fn check_nonzero(what: &str, value: Option<u32>, problems: &mut Vec<String>) {
 /// Tenant shares must fit the databases' slots; a share no pool could ever use is reported.
 fn check_tenants(
     raw: &RawConfig,
+    defaults: &PoolSettings,
     databases: &BTreeMap<String, Arc<Database>>,
     tenants: &BTreeMap<String, Arc<Tenant>>,
     users: &BTreeMap<String, Arc<User>>,
@@ -173,11 +179,7 @@ fn check_tenants(
             let reachable: u64 = members
                 .iter()
                 .map(|u| {
-                    let s = PoolSettings::builtin()
-                        .overlay(&raw.shared_global())
-                        .overlay(&db.shared)
-                        .overlay(&u.tenant.shared)
-                        .overlay(&u.shared);
+                    let s = defaults.for_pool(db, u);
                     u64::from(s.pool_size) + u64::from(s.reserve_pool_size)
                 })
                 .sum();

@@ -4,13 +4,12 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use super::grants::GrantRecord;
-use super::health::{BACKOFF_CAP, BACKOFF_START};
+use super::health::Backoff;
 use super::slots::{Share, Slots};
 use super::tenant::TenantState;
 use crate::config::{Database, PoolSettings, Tenant};
@@ -30,7 +29,7 @@ pub struct DbStats {
 
 #[derive(Debug)]
 struct FullBackoff {
-    backoff: Duration,
+    backoff: Backoff,
     until: Option<Instant>,
 }
 
@@ -55,7 +54,7 @@ impl DbSlots {
             slots: Mutex::new(Slots::new(db.max_db_connections.unwrap_or(u32::MAX))),
             connects: Semaphore::new(concurrency),
             full: Mutex::new(FullBackoff {
-                backoff: BACKOFF_START,
+                backoff: Backoff::default(),
                 until: None,
             }),
             stats: DbStats::default(),
@@ -100,19 +99,17 @@ impl DbSlots {
         if f.until.is_some_and(|u| u > now) {
             return;
         }
-        f.backoff = if f.until.is_some() {
-            (f.backoff * 2).min(BACKOFF_CAP)
-        } else {
-            BACKOFF_START
-        };
-        f.until = Some(now + f.backoff);
+        // Jittered, so the pools' waiting logins do not all retry at the same instant.
+        let first = f.until.is_none();
+        let pause = f.backoff.after_failure(first);
+        f.until = Some(now + pause);
     }
 
     /// A login succeeded: the backend has room again.
     pub fn backend_has_room(&self) {
         let mut f = lock(&self.full);
         f.until = None;
-        f.backoff = BACKOFF_START;
+        f.backoff.reset();
     }
 
     /// Whether the backend's last answer to a login was "too many clients".

@@ -71,7 +71,7 @@ pub struct Outage {
 #[derive(Debug)]
 struct State {
     outage: Option<Outage>,
-    backoff: Duration,
+    backoff: Backoff,
     next_probe: Instant,
     identity: Option<String>,
 }
@@ -96,7 +96,7 @@ impl Default for Health {
         Health {
             state: Mutex::new(State {
                 outage: None,
-                backoff: BACKOFF_START,
+                backoff: Backoff::default(),
                 next_probe: Instant::now(),
                 identity: None,
             }),
@@ -167,17 +167,15 @@ impl Health {
         let newly_down = st.outage.is_none();
         if newly_down {
             self.next_generation();
-            st.backoff = BACKOFF_START;
-        } else {
-            st.backoff = (st.backoff * 2).min(BACKOFF_CAP);
         }
+        let pause = st.backoff.after_failure(newly_down);
         let since = st.outage.as_ref().map_or(now, |o| o.since);
         st.outage = Some(Outage {
             since,
             code: reported_code(e),
             last_error: e.to_string(),
         });
-        st.next_probe = now + jitter(st.backoff);
+        st.next_probe = now + pause;
         newly_down
     }
 
@@ -197,7 +195,7 @@ impl Health {
     pub fn login_succeeded(&self, identity: Option<String>) -> bool {
         let mut st = lock(&self.state);
         let was_down = st.outage.take().is_some();
-        st.backoff = BACKOFF_START;
+        st.backoff.reset();
         let restarted = match (&st.identity, &identity) {
             (Some(old), Some(new)) => old != new,
             _ => false,
@@ -209,6 +207,34 @@ impl Health {
             self.next_generation();
         }
         was_down || restarted
+    }
+}
+
+/// Exponential backoff between attempts: `BACKOFF_START` after a first failure, doubling up
+/// to `BACKOFF_CAP` while failures continue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(BACKOFF_START)
+    }
+}
+
+impl Backoff {
+    /// The pause after a failure (`first` of a run, or a further one), with jitter.
+    pub fn after_failure(&mut self, first: bool) -> Duration {
+        self.0 = if first {
+            BACKOFF_START
+        } else {
+            (self.0 * 2).min(BACKOFF_CAP)
+        };
+        jitter(self.0)
+    }
+
+    /// Back to the start after a success.
+    pub fn reset(&mut self) {
+        self.0 = BACKOFF_START;
     }
 }
 
@@ -249,7 +275,7 @@ mod tests {
             assert!(!h.login_failed(&ServerError::Closed));
         }
         assert_eq!(h.outage().map(|o| o.code), Some("08006"));
-        assert_eq!(lock(&h.state).backoff, BACKOFF_CAP);
+        assert_eq!(lock(&h.state).backoff, Backoff(BACKOFF_CAP));
         assert!(h.login_succeeded(Some("t1".into())));
         assert!(h.outage().is_none());
         assert!(!h.login_succeeded(Some("t1".into())));
