@@ -57,7 +57,8 @@ impl Pooled {
         if conn.cancel_gate.busy() {
             let pool = self.pool.clone();
             tokio::spawn(async move {
-                if conn.cancel_gate.wait_idle(CANCEL_SETTLE_LIMIT).await {
+                let settled = tokio::time::Instant::now() + CANCEL_SETTLE_LIMIT;
+                if conn.cancel_gate.wait_idle_until(settled).await {
                     pool.checkin(conn);
                 } else {
                     pool.close(conn);

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::proto::sqlstate;
 use crate::server::ServerError;
-use crate::sync::lock;
+use crate::sync::{lock, InFlight};
 
 /// First pause between probes of a down backend.
 pub const BACKOFF_START: Duration = Duration::from_millis(25);
@@ -84,9 +84,7 @@ pub struct Health {
     generation: std::sync::atomic::AtomicU64,
     /// Verifications in progress: a server connection was lost and a fresh login tells
     /// whether it was that connection alone or the whole backend going away.
-    verifying: std::sync::atomic::AtomicU32,
-    /// Woken when a verification ends.
-    verified: tokio::sync::Notify,
+    verifying: InFlight,
     /// Held by the one task probing a down backend.
     pub probe: tokio::sync::Mutex<()>,
 }
@@ -102,8 +100,7 @@ impl Default for Health {
             }),
             generation: std::sync::atomic::AtomicU64::new(0),
             probe: tokio::sync::Mutex::new(()),
-            verifying: std::sync::atomic::AtomicU32::new(0),
-            verified: tokio::sync::Notify::new(),
+            verifying: InFlight::default(),
         }
     }
 }
@@ -111,33 +108,26 @@ impl Default for Health {
 impl Health {
     /// A verification starts.
     pub fn begin_verify(&self) {
-        self.verifying.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.verifying.begin();
     }
 
     /// A verification ended.
     pub fn end_verify(&self) {
-        self.verifying.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        self.verified.notify_waiters();
+        self.verifying.end();
     }
 
     /// Waits (at most `limit`, at most until `deadline`) while a verification is in progress,
     /// so no idle connection of a backend that may be going away is handed out meanwhile.
     pub async fn wait_verified(&self, limit: Duration, deadline: Option<Instant>) {
-        let until = deadline.map_or(Instant::now() + limit, |d| d.min(Instant::now() + limit));
-        loop {
-            let notified = self.verified.notified();
-            if self.verifying.load(std::sync::atomic::Ordering::Acquire) == 0 {
-                return;
-            }
-            if tokio::time::timeout_at(until, notified).await.is_err() {
-                return;
-            }
-        }
+        let limit = Instant::now() + limit;
+        self.verifying
+            .wait_idle_until(deadline.map_or(limit, |d| d.min(limit)))
+            .await;
     }
 
     /// Whether a verification is in progress (cheap check on every checkout).
     pub fn verifying(&self) -> bool {
-        self.verifying.load(std::sync::atomic::Ordering::Acquire) > 0
+        self.verifying.busy()
     }
 
     /// The current outage, if the backend is down.

@@ -1,13 +1,10 @@
 //! One logged-in server connection and everything the proxy tracks about it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{ServerError, ServerStream};
@@ -25,46 +22,9 @@ pub type ServerParams = BTreeMap<String, String>;
 /// queries). The relay streams everything else and never needs this.
 const MAX_OWN_MESSAGE: usize = 16 * 1024 * 1024;
 
-/// Counts cancel requests forwarded to a server connection's backend that have not finished,
-/// so the connection stays out of the pool until no late cancel can hit another client.
-#[derive(Debug, Default)]
-pub struct CancelGate {
-    in_flight: AtomicUsize,
-    done: Notify,
-}
-
-impl CancelGate {
-    /// A cancel for this connection is on its way.
-    pub fn begin(&self) {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// That cancel's connection to the postmaster has closed.
-    pub fn end(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.done.notify_waiters();
-        }
-    }
-
-    /// Whether any cancel is still in flight.
-    pub fn busy(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) > 0
-    }
-
-    /// Waits until no cancel is in flight, at most `limit`; returns whether it became idle.
-    pub async fn wait_idle(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            let notified = self.done.notified();
-            if !self.busy() {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return !self.busy();
-            }
-        }
-    }
-}
+/// Cancel requests forwarded to a server connection's backend that have not finished: the
+/// connection stays out of the pool until no late cancel can hit another client.
+pub type CancelGate = crate::sync::InFlight;
 
 /// A server connection, owned by whoever is using it (a client task, or the pool's idle list).
 #[derive(Debug)]
