@@ -144,16 +144,24 @@ impl Pool {
         }
     }
 
-    /// A login (or a check right after it) outlasted `server_connect_timeout`.
-    fn connect_timed_out(&self) -> ServerError {
-        ServerError::ConnectTimeout {
-            addr: self.target.backend.to_string(),
-            after: fmt_duration(self.connect_limit()),
-        }
+    /// Runs a login step within `server_connect_timeout` (unbounded when that is off).
+    async fn within_connect_timeout<T>(
+        &self,
+        step: impl std::future::Future<Output = Result<T, ServerError>>,
+    ) -> Result<T, ServerError> {
+        let Some(limit) = self.settings.server_connect_timeout else {
+            return step.await;
+        };
+        tokio::time::timeout(limit, step).await.unwrap_or_else(|_| {
+            Err(ServerError::ConnectTimeout {
+                addr: self.target.backend.to_string(),
+                after: fmt_duration(limit),
+            })
+        })
     }
 
-    /// Bound on a login and on the proxy's own round trips to a server (the configured
-    /// `server_connect_timeout`, or 5 s when it is off: these must never hang).
+    /// Bound on the proxy's own waits around a login (a verification in progress, the
+    /// liveness round trip at checkout): `server_connect_timeout`, or 5 s when it is off.
     fn connect_limit(&self) -> std::time::Duration {
         self.settings
             .server_connect_timeout
@@ -321,24 +329,22 @@ impl Pool {
         // Once it is this login's turn, everything up to a usable connection is bounded by
         // `server_connect_timeout` (the connect and authentication, and the proxy's own round
         // trips after them), so a hung backend cannot hold a login turn.
-        let limit = self.connect_limit();
-        let opened = tokio::time::timeout(limit, async {
-            let mut conn = server::connect(&self.target, &self.credentials(), Some(limit)).await?;
-            let identity = conn.query_text(IDENTITY_QUERY).await?;
-            Ok::<_, ServerError>((conn, identity))
-        })
-        .await;
+        let opened = self
+            .within_connect_timeout(async {
+                let limit = self.settings.server_connect_timeout;
+                let mut conn = server::connect(&self.target, &self.credentials(), limit).await?;
+                let identity = conn.query_text(IDENTITY_QUERY).await?;
+                Ok((conn, identity))
+            })
+            .await;
         drop(turn);
-        let (mut conn, identity) = opened.unwrap_or_else(|_| Err(self.connect_timed_out()))?;
+        let (mut conn, identity) = opened?;
         self.db.backend_has_room();
         if self.suspicion() != suspicion {
             // Another connection died while this one logged in (a restart signals every
             // backend at once): prove this one survived before a client uses it.
-            match tokio::time::timeout(limit, conn.simple_query("")).await {
-                Ok(Ok(None)) => {}
-                Ok(Ok(Some(err))) => return Err(ServerError::Fatal(err)),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(self.connect_timed_out()),
+            if let Some(err) = self.within_connect_timeout(conn.simple_query("")).await? {
+                return Err(ServerError::Fatal(err));
             }
         }
         if self.health.login_succeeded(identity) {
