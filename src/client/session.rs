@@ -292,6 +292,10 @@ async fn checkout(
     loop {
         attempts += 1;
         let mut server = pool.checkout(deadline).await?;
+        if server.settings_in_sync(settings) {
+            // The usual case: no round trip, so no timer either.
+            return Ok(server);
+        }
         let why = match tokio::time::timeout(RESET_LIMIT, server.sync_settings(settings)).await {
             Ok(Ok(None)) => return Ok(server),
             Ok(Ok(Some(err))) => {

@@ -163,11 +163,16 @@ impl ServerConn {
         }
     }
 
+    /// Whether the connection already has exactly `wanted` applied (no round trip needed).
+    pub fn settings_in_sync(&self, wanted: &Settings) -> bool {
+        self.stale.is_empty() && &self.applied == wanted
+    }
+
     /// Brings the connection's settings to `wanted`, in one round trip, only when they differ
     /// from what is applied. On success `applied == wanted`. A backend ERROR (an invalid value)
     /// is returned and nothing is applied: the statements run as one implicit transaction.
     pub async fn sync_settings(&mut self, wanted: &Settings) -> Result<Option<PgError>, ServerError> {
-        if self.stale.is_empty() && &self.applied == wanted {
+        if self.settings_in_sync(wanted) {
             return Ok(None);
         }
         let sql = settings_sql(&self.applied, &self.stale, wanted);
