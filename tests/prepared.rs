@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use pgsluice::app::Proxy;
 use pgsluice::pool::PoolStats;
-use support::raw::{self, Msg, Raw};
+use support::raw::{self, bind_with, close, describe, execute_portal, flush, show, tags, values, Msg, Raw};
 use support::{connect, direct, start_proxy, TestDb};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -28,72 +28,14 @@ async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
 
 // ---- frontend messages the shared helpers lack ----
 
-fn describe(kind: u8, name: &str) -> Vec<u8> {
-    let mut b = vec![kind];
-    b.extend_from_slice(name.as_bytes());
-    b.push(0);
-    raw::msg(b'D', &b)
-}
-
-fn close(kind: u8, name: &str) -> Vec<u8> {
-    let mut b = vec![kind];
-    b.extend_from_slice(name.as_bytes());
-    b.push(0);
-    raw::msg(b'C', &b)
-}
-
-fn flush() -> Vec<u8> {
-    raw::msg(b'H', &[])
-}
-
-/// Bind `portal` to `stmt` with text parameters, text results.
-fn bind_with(portal: &str, stmt: &str, params: &[&str]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(portal.as_bytes());
-    b.push(0);
-    b.extend_from_slice(stmt.as_bytes());
-    b.push(0);
-    b.extend_from_slice(&0u16.to_be_bytes()); // all parameters in text
-    b.extend_from_slice(&u16::try_from(params.len()).unwrap().to_be_bytes());
-    for p in params {
-        b.extend_from_slice(&i32::try_from(p.len()).unwrap().to_be_bytes());
-        b.extend_from_slice(p.as_bytes());
-    }
-    b.extend_from_slice(&0u16.to_be_bytes()); // all results in text
-    raw::msg(b'B', &b)
-}
-
-/// Execute a named portal, all rows.
-fn execute_portal(portal: &str) -> Vec<u8> {
-    let mut b = portal.as_bytes().to_vec();
-    b.push(0);
-    b.extend_from_slice(&0u32.to_be_bytes());
-    raw::msg(b'E', &b)
-}
-
 fn cat(parts: &[Vec<u8>]) -> Vec<u8> {
     parts.concat()
 }
 
 // ---- reading answers ----
 
-/// Answers as text for assertion messages: tags, with the SQLSTATE and message of errors.
-fn show(msgs: &[Msg]) -> String {
-    msgs.iter()
-        .map(|m| match m.tag {
-            b'E' => format!("E({} {})", m.code(), m.field(b'M').unwrap_or_default()),
-            t => (t as char).to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn show_all(segs: &[Vec<Msg>]) -> String {
     segs.iter().map(|s| show(s)).collect::<Vec<_>>().join(" | ")
-}
-
-fn tags(msgs: &[Msg]) -> String {
-    msgs.iter().map(|m| m.tag as char).collect()
 }
 
 /// Reads the answers to `n` Syncs (or simple queries), one Vec per ReadyForQuery.
@@ -103,22 +45,6 @@ async fn segments(r: &mut Raw, n: usize) -> Vec<Vec<Msg>> {
         out.push(r.recv_until(b'Z').await);
     }
     out
-}
-
-/// First column of every DataRow, as text.
-fn values(msgs: &[Msg]) -> Vec<String> {
-    msgs.iter()
-        .filter(|m| m.tag == b'D')
-        .map(|m| {
-            let b = &m.body;
-            let len = i32::from_be_bytes([b[2], b[3], b[4], b[5]]);
-            if len < 0 {
-                "NULL".to_string()
-            } else {
-                String::from_utf8_lossy(&b[6..6 + usize::try_from(len).unwrap()]).into_owned()
-            }
-        })
-        .collect()
 }
 
 fn command_tag(m: &Msg) -> String {

@@ -143,8 +143,8 @@ pub enum Route {
     Swallow,
 }
 
-/// Matches a server message (`tag`, and its CommandComplete tag if any) against the queue and
-/// updates the session. `err` is the parsed ErrorResponse for 'E'.
+/// Matches a server message other than ErrorResponse (`tag`, and its CommandComplete tag if
+/// any) against the queue and updates the session.
 pub fn on_server_message(
     view: &mut SessionView,
     server: &mut ServerConn,
@@ -155,23 +155,6 @@ pub fn on_server_message(
         return Route::Forward;
     };
     match (tag, head) {
-        (b'E', h) if h.extended() => {
-            // The failed request, and everything the backend now ignores up to Sync: undone
-            // newest first, so mappings come back as they were.
-            let mut gone = Vec::new();
-            if let Some((_, f)) = view.expect.pop_front() {
-                gone.push(f);
-            }
-            while view.head().is_some_and(|e| !matches!(e, Expect::Sync)) {
-                if let Some((_, e)) = view.expect.pop_front() {
-                    gone.push(e);
-                }
-            }
-            for e in gone.into_iter().rev() {
-                undo(view, server, e);
-            }
-            Route::Forward
-        }
         (b'1', Expect::InjectedParse(_) | Expect::Parse(_)) => {
             let Some((_, e)) = view.expect.pop_front() else {
                 return Route::Forward;
@@ -222,6 +205,48 @@ pub fn on_server_message(
             Route::Forward
         }
         _ => Route::Forward,
+    }
+}
+
+/// What an ErrorResponse did to the client's extended-protocol request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorEffect {
+    /// Nothing more than the error itself: a simple query, a Sync, or no request.
+    Answered,
+    /// It failed an extended-protocol request whose Sync the backend has already been sent:
+    /// what the backend skips is forgotten, the Sync is still owed.
+    SkippedToSync,
+    /// It failed an extended-protocol request whose Sync has not been sent yet: the backend
+    /// now discards every message up to that Sync, so the proxy must drop the client's
+    /// messages up to it too (anything owed for them would never come).
+    AwaitingSync,
+}
+
+/// A (non-fatal) ErrorResponse arrived: the request at the head of the queue failed. In the
+/// extended protocol the backend then ignores everything up to the next Sync, so the owed
+/// answers up to it are undone, newest first (mappings come back as they were).
+pub fn on_error(view: &mut SessionView, server: &mut ServerConn) -> ErrorEffect {
+    if !view.head().is_some_and(Expect::extended) {
+        return ErrorEffect::Answered;
+    }
+    let mut gone = Vec::new();
+    if let Some((_, f)) = view.expect.pop_front() {
+        gone.push(f);
+    }
+    while view.head().is_some_and(|e| !matches!(e, Expect::Sync)) {
+        if let Some((_, e)) = view.expect.pop_front() {
+            gone.push(e);
+        }
+    }
+    for e in gone.into_iter().rev() {
+        undo(view, server, e);
+    }
+    // An error ends COPY-in mode: the backend no longer ignores Syncs.
+    view.copy_in = false;
+    if view.expect.is_empty() {
+        ErrorEffect::AwaitingSync
+    } else {
+        ErrorEffect::SkippedToSync
     }
 }
 

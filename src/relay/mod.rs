@@ -32,7 +32,7 @@ use crate::proto::frame::{parse_header, HEADER_LEN};
 use crate::proto::sqlstate;
 use crate::proto::{ProtoError, Reader};
 use crate::server::{CancelTarget, ServerConn};
-use expect::Route;
+use expect::{ErrorEffect, Route};
 use requests::{Flags, Segment, Step};
 use timers::{Expired, Phase};
 
@@ -482,11 +482,14 @@ impl State<'_> {
                         self.fatal = Some(err);
                         continue;
                     }
-                    let route = expect::on_server_message(self.view, server, b'E', None);
+                    if expect::on_error(self.view, server) == ErrorEffect::AwaitingSync {
+                        // The backend discards the client's messages up to its Sync; so does
+                        // the proxy for those not forwarded yet (the rest of one being streamed
+                        // still goes through, to keep the backend's framing).
+                        self.flags.skip_to_sync = true;
+                    }
                     let limit = self.timers.as_deref().and_then(Timers::cancelled_after);
-                    if let (Route::Forward, Some(limit), sqlstate::QUERY_CANCELED) =
-                        (&route, limit, err.code())
-                    {
+                    if let (Some(limit), sqlstate::QUERY_CANCELED) = (limit, err.code()) {
                         // The cancel was pgsluice's own: say so instead of "user request".
                         PgError::new(
                             Severity::Error,
@@ -500,7 +503,7 @@ impl State<'_> {
                         server.rbuf.advance(h.total_len());
                         continue;
                     }
-                    route
+                    Route::Forward
                 }
                 (b'C', Some(b)) => {
                     let tag = expect::Tag::of(Reader::new(b).cstr("command tag")?);

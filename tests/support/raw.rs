@@ -80,18 +80,41 @@ impl Raw {
     /// Reads one message; None on EOF.
     pub async fn recv(&mut self) -> Option<Msg> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-                if self.buf.len() > len {
-                    let m = self.buf.split_to(len + 1);
-                    return Some(Msg {
-                        tag: m[0],
-                        body: m[5..].to_vec(),
-                    });
-                }
+            if let Some(m) = take_message(&mut self.buf) {
+                return Some(m);
             }
             self.fill().await?;
         }
+    }
+
+    /// Writes `bytes` while reading the answers (so a large pipeline cannot deadlock on full
+    /// socket buffers), until `readies` ReadyForQuery messages: everything read, in order.
+    pub async fn send_while_reading(&mut self, bytes: &[u8], readies: usize) -> Vec<Msg> {
+        let (mut rd, mut wr) = self.s.split();
+        let buf = &mut self.buf;
+        let write = async {
+            wr.write_all(bytes).await.unwrap();
+        };
+        let read = async {
+            let mut out = Vec::new();
+            let mut seen = 0;
+            while seen < readies {
+                while let Some(m) = take_message(buf) {
+                    seen += usize::from(m.tag == b'Z');
+                    out.push(m);
+                    if seen == readies {
+                        return out;
+                    }
+                }
+                let n = tokio::time::timeout(Duration::from_secs(60), rd.read_buf(buf))
+                    .await
+                    .expect("timed out reading from the proxy")
+                    .unwrap();
+                assert!(n > 0, "EOF after {out:?}");
+            }
+            out
+        };
+        tokio::join!(write, read).1
     }
 
     /// Reads messages until one with `tag` (returned with everything before it).
@@ -127,6 +150,22 @@ impl Raw {
         self.startup(196608, &[("user", user), ("database", db)]).await;
         self.recv_until(b'Z').await
     }
+}
+
+/// Takes one whole message off the front of `buf`.
+fn take_message(buf: &mut BytesMut) -> Option<Msg> {
+    if buf.len() < 5 {
+        return None;
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if buf.len() <= len {
+        return None;
+    }
+    let m = buf.split_to(len + 1);
+    Some(Msg {
+        tag: m[0],
+        body: m[5..].to_vec(),
+    })
 }
 
 /// A StartupMessage.
@@ -189,4 +228,82 @@ pub fn execute() -> Vec<u8> {
 /// Sync.
 pub fn sync() -> Vec<u8> {
     msg(b'S', &[])
+}
+
+/// Describe of a statement ('S') or portal ('P').
+pub fn describe(kind: u8, name: &str) -> Vec<u8> {
+    let mut b = vec![kind];
+    b.extend_from_slice(name.as_bytes());
+    b.push(0);
+    msg(b'D', &b)
+}
+
+/// Close of a statement ('S') or portal ('P').
+pub fn close(kind: u8, name: &str) -> Vec<u8> {
+    let mut b = vec![kind];
+    b.extend_from_slice(name.as_bytes());
+    b.push(0);
+    msg(b'C', &b)
+}
+
+/// Flush.
+pub fn flush() -> Vec<u8> {
+    msg(b'H', &[])
+}
+
+/// Bind `portal` to `stmt` with text parameters, text results.
+pub fn bind_with(portal: &str, stmt: &str, params: &[&str]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(portal.as_bytes());
+    b.push(0);
+    b.extend_from_slice(stmt.as_bytes());
+    b.push(0);
+    b.extend_from_slice(&0u16.to_be_bytes()); // all parameters in text
+    b.extend_from_slice(&u16::try_from(params.len()).unwrap().to_be_bytes());
+    for p in params {
+        b.extend_from_slice(&i32::try_from(p.len()).unwrap().to_be_bytes());
+        b.extend_from_slice(p.as_bytes());
+    }
+    b.extend_from_slice(&0u16.to_be_bytes()); // all results in text
+    msg(b'B', &b)
+}
+
+/// Execute a named portal, all rows.
+pub fn execute_portal(portal: &str) -> Vec<u8> {
+    let mut b = portal.as_bytes().to_vec();
+    b.push(0);
+    b.extend_from_slice(&0u32.to_be_bytes());
+    msg(b'E', &b)
+}
+
+/// Answers as text for assertion messages: tags, with the SQLSTATE and message of errors.
+pub fn show(msgs: &[Msg]) -> String {
+    msgs.iter()
+        .map(|m| match m.tag {
+            b'E' => format!("E({} {})", m.code(), m.field(b'M').unwrap_or_default()),
+            t => (t as char).to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The type bytes of `msgs`, as a string ("12DCZ").
+pub fn tags(msgs: &[Msg]) -> String {
+    msgs.iter().map(|m| m.tag as char).collect()
+}
+
+/// First column of every DataRow, as text.
+pub fn values(msgs: &[Msg]) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| {
+            let b = &m.body;
+            let len = i32::from_be_bytes([b[2], b[3], b[4], b[5]]);
+            if len < 0 {
+                "NULL".to_string()
+            } else {
+                String::from_utf8_lossy(&b[6..6 + usize::try_from(len).unwrap()]).into_owned()
+            }
+        })
+        .collect()
 }
