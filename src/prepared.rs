@@ -1,12 +1,20 @@
 //! Named prepared statements under transaction pooling.
 //!
 //! A client's statement names are its own; on the server every statement gets a proxy-wide
-//! name derived from its text and parameter types, so identical statements from many clients
-//! share one server-side statement. Each server connection remembers which of those it holds
-//! (an LRU bounded by `max_prepared_statements`; evicted ones are closed on the server).
+//! name derived from its text, parameter types and the pool's plan epoch, so identical
+//! statements from many clients share one server-side statement. Each server connection
+//! remembers which of those it holds (an LRU bounded by `max_prepared_statements`; evicted ones
+//! are closed on the server).
+//!
+//! The epoch moves on when a client drops its plans (`DEALLOCATE ALL`, `DISCARD ALL`,
+//! `DISCARD PLANS`) or a shared statement turns out stale (`0A000 cached plan must not change
+//! result type`): every later Parse then gets a name no server holds, so the server plans it
+//! afresh, while statements clients already hold keep working. The older epochs' statements
+//! are never handed out again and age out of the servers' LRUs.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -30,14 +38,31 @@ pub struct Statement {
     pub command: Option<SessionCommand>,
 }
 
+/// A pool's plan epoch: part of every proxy-wide statement name (see the module docs).
+#[derive(Debug, Default)]
+pub struct PlanEpoch(AtomicU64);
+
+impl PlanEpoch {
+    /// The epoch new statements are named in.
+    pub fn current(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Moves on: no statement named before is handed to a later Parse.
+    pub fn advance(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 impl Statement {
     /// Builds the statement for `query` and the raw parameter-type section of a Parse body
-    /// (the int16 count and the OIDs, as the client sent them).
-    pub fn new(query: &[u8], param_types: &[u8], command: Option<SessionCommand>) -> Statement {
+    /// (the int16 count and the OIDs, as the client sent them), named in plan epoch `epoch`.
+    pub fn new(query: &[u8], param_types: &[u8], command: Option<SessionCommand>, epoch: u64) -> Statement {
         let mut h = Sha256::new();
         h.update(query);
         h.update([0]);
         h.update(param_types);
+        h.update(epoch.to_le_bytes());
         let digest = h.finalize();
         let mut name = String::with_capacity(NAME_PREFIX.len() + 24);
         name.push_str(NAME_PREFIX);
@@ -75,14 +100,22 @@ pub enum Presence {
 /// The statements one server connection holds, least recently used first out.
 #[derive(Debug)]
 pub struct PreparedCache {
-    used: HashMap<Arc<str>, u64>,
+    /// Each statement's last use and the tick its Parse was sent at.
+    used: HashMap<Arc<str>, Entry>,
     /// Statements whose Parse is not confirmed yet, with the Sync segment it was sent in.
     pending: HashMap<Arc<str>, u64>,
+    /// The cache's clock: advances with every lookup and insert.
     tick: u64,
     capacity: usize,
-    /// Statements whose presence is unknown (a Close of them was skipped after an error):
-    /// closed before they are prepared again.
-    unknown: HashSet<Arc<str>>,
+    /// Statements whose presence is unknown (a Close of them was skipped after an error),
+    /// with the tick they became unknown at: closed before they are prepared again.
+    unknown: HashMap<Arc<str>, u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    last_used: u64,
+    sent: u64,
 }
 
 impl PreparedCache {
@@ -93,7 +126,7 @@ impl PreparedCache {
             pending: HashMap::new(),
             tick: 0,
             capacity,
-            unknown: HashSet::new(),
+            unknown: HashMap::new(),
         }
     }
 
@@ -106,8 +139,8 @@ impl PreparedCache {
     pub fn lookup(&mut self, name: &Arc<str>, segment: u64) -> Presence {
         self.tick += 1;
         match self.used.get_mut(name) {
-            Some(t) => {
-                *t = self.tick;
+            Some(e) => {
+                e.last_used = self.tick;
                 match self.pending.get(name) {
                     Some(&sent) if sent < segment => Presence::Uncertain,
                     _ => Presence::Ready,
@@ -123,14 +156,23 @@ impl PreparedCache {
         self.tick += 1;
         let mut evicted = None;
         if self.used.len() >= self.capacity && !self.used.contains_key(&name) {
-            if let Some(oldest) = self.used.iter().min_by_key(|(_, t)| **t).map(|(n, _)| n.clone()) {
+            let oldest = self
+                .used
+                .iter()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(n, _)| n.clone());
+            if let Some(oldest) = oldest {
                 self.used.remove(&oldest);
                 self.pending.remove(&oldest);
                 evicted = Some(oldest);
             }
         }
         self.pending.insert(name.clone(), segment);
-        self.used.insert(name, self.tick);
+        let entry = Entry {
+            last_used: self.tick,
+            sent: self.tick,
+        };
+        self.used.insert(name, entry);
         evicted
     }
 
@@ -154,16 +196,34 @@ impl PreparedCache {
     pub fn mark_unknown(&mut self, name: Arc<str>) {
         self.used.remove(&name);
         self.pending.remove(&name);
-        self.unknown.insert(name);
+        // After any mark taken so far: a DEALLOCATE ALL in flight keeps it unknown (a Close
+        // before the next Parse is right either way).
+        self.tick += 1;
+        self.unknown.insert(name, self.tick);
     }
 
     /// Whether `name` may be on the server without being tracked (then it must be closed
     /// before it is prepared again); clears the mark.
     pub fn take_unknown(&mut self, name: &str) -> bool {
-        self.unknown.remove(name)
+        self.unknown.remove(name).is_some()
     }
 
-    /// The server dropped every statement (DISCARD ALL, DEALLOCATE ALL).
+    /// The cache's clock now: what `forget_until` takes to forget everything sent so far.
+    pub fn mark(&self) -> u64 {
+        self.tick
+    }
+
+    /// A `DEALLOCATE ALL` sent when the clock read `mark` completed: every statement sent
+    /// (or made unknown) up to then is gone; those prepared after it, in the same pipeline,
+    /// are kept.
+    pub fn forget_until(&mut self, mark: u64) {
+        self.used.retain(|_, e| e.sent > mark);
+        let used = &self.used;
+        self.pending.retain(|n, _| used.contains_key(n));
+        self.unknown.retain(|_, t| *t > mark);
+    }
+
+    /// The server dropped every statement (DISCARD ALL).
     pub fn clear(&mut self) {
         self.used.clear();
         self.pending.clear();
@@ -188,11 +248,13 @@ mod tests {
 
     #[test]
     fn same_text_and_types_share_a_name() {
-        let a = Statement::new(b"select $1", &[0, 1, 0, 0, 0, 23], None);
-        let b = Statement::new(b"select $1", &[0, 1, 0, 0, 0, 23], None);
-        let c = Statement::new(b"select $1", &[0, 0], None);
+        let a = Statement::new(b"select $1", &[0, 1, 0, 0, 0, 23], None, 0);
+        let b = Statement::new(b"select $1", &[0, 1, 0, 0, 0, 23], None, 0);
+        let c = Statement::new(b"select $1", &[0, 0], None, 0);
+        let later = Statement::new(b"select $1", &[0, 1, 0, 0, 0, 23], None, 1);
         assert_eq!(a.name, b.name);
         assert_ne!(a.name, c.name);
+        assert_ne!(a.name, later.name, "a new plan epoch names statements anew");
         assert!(a.name.starts_with(NAME_PREFIX) && a.name.len() < 64);
         let w = crate::proto::frame::whole_message(&a.parse, 1000)
             .unwrap()
@@ -229,5 +291,26 @@ mod tests {
         c.insert("y".into(), 3);
         c.failed("y", 3);
         assert_eq!(c.lookup(&"y".into(), 3), Presence::Absent);
+    }
+
+    #[test]
+    fn deallocate_all_forgets_only_what_was_sent_before_it() {
+        let mut c = PreparedCache::new(10);
+        let (x, y, z): (Arc<str>, Arc<str>, Arc<str>) = ("x".into(), "y".into(), "z".into());
+        c.insert(x.clone(), 0);
+        c.confirm(&x, 0);
+        c.mark_unknown(z.clone());
+        let mark = c.mark();
+        c.insert(y.clone(), 1);
+        assert_eq!(
+            c.lookup(&x, 1),
+            Presence::Ready,
+            "used after the mark, sent before"
+        );
+        c.forget_until(mark);
+        assert_eq!(c.lookup(&x, 1), Presence::Absent);
+        assert_eq!(c.lookup(&y, 1), Presence::Ready);
+        assert!(!c.take_unknown(&z), "gone with the DEALLOCATE ALL");
+        assert_eq!(c.len(), 1);
     }
 }

@@ -558,7 +558,8 @@ async fn deallocate_only_affects_the_clients_names() {
             "{name}"
         );
     }
-    // The other client's identical statement still works: the shared one was not dropped.
+    // The other client's identical statement still works: the server dropped it with the
+    // DEALLOCATE ALL, and it is prepared again transparently.
     assert_eq!(run_named(&mut b, "s1").await.unwrap(), ["7"]);
     // Inside a transaction block DEALLOCATE keeps the block's status.
     let seg = simple(&mut b, "begin").await;
@@ -1056,4 +1057,126 @@ async fn deallocate_in_a_failed_block_is_refused_like_any_command() {
         "the statement survived the refused DEALLOCATE: {}",
         show(&done)
     );
+}
+
+// ---- plans made stale by DDL ----
+
+/// Parse, Bind (text parameters), Execute and Sync of named statement `stmt`.
+fn prepare_bind_run(stmt: &str, sql: &str, params: &[&str]) -> Vec<u8> {
+    cat(&[
+        raw::parse(stmt, sql),
+        bind_with("", stmt, params),
+        raw::execute(),
+        raw::sync(),
+    ])
+}
+
+async fn simple_ok(r: &mut Raw, sql: &str) -> Vec<Msg> {
+    let seg = simple(r, sql).await;
+    assert!(seg.iter().all(|m| m.tag != b'E'), "{sql}: {}", show(&seg));
+    seg
+}
+
+/// psycopg's `prepare_threshold = 0` after `DROP TYPE` + `CREATE TYPE` of the same name: it
+/// sends `DEALLOCATE ALL`, then prepares the same text again, which must be planned afresh
+/// (not mapped onto the shared statement that refers to the dropped type: XX000 cache lookup
+/// failed for type). The session then shows no statements; another client's statement of the
+/// same text keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_all_after_drop_type_plans_afresh() {
+    let db = TestDb::new("prep_type");
+    let proxy = start_proxy(&proxy_config(&db, "default_pool_size = 1")).await;
+    let mut a = login(&proxy, &db).await;
+    let mut b = login(&proxy, &db).await;
+    let ddl = "CREATE TYPE prepenum AS ENUM ('foo', 'bar'); CREATE TABLE preptable (bar prepenum[])";
+    let insert = "INSERT INTO preptable (bar) VALUES ($1::prepenum[])";
+    simple_ok(&mut a, ddl).await;
+    expect_tags(&mut a, &prepare_bind_run("_pg3_0", insert, &["{foo}"]), &["12CZ"]).await;
+    expect_tags(&mut b, &prepare_bind_run("b0", insert, &["{bar}"]), &["12CZ"]).await;
+    simple_ok(&mut a, "DROP TABLE preptable; DROP TYPE prepenum").await;
+    simple_ok(&mut a, ddl).await;
+    let seg = simple_ok(&mut a, "DEALLOCATE ALL").await;
+    assert_eq!(command_tag(&seg[0]), "DEALLOCATE ALL");
+    assert_eq!(
+        server_statements(&mut a).await,
+        Vec::<String>::new(),
+        "pg_prepared_statements after DEALLOCATE ALL"
+    );
+    let seg = expect_tags(&mut a, &prepare_bind_run("_pg3_0", insert, &["{foo}"]), &["12CZ"]).await;
+    assert_eq!(command_tag(&seg[0][2]), "INSERT 0 1");
+    // b's statement predates the DDL; it was dropped from the server with the DEALLOCATE ALL
+    // and is prepared again, now against the new type.
+    b.send(&cat(&[
+        bind_with("", "b0", &["{bar}"]),
+        raw::execute(),
+        raw::sync(),
+    ]))
+    .await;
+    let seg = b.recv_until(b'Z').await;
+    assert_eq!(tags(&seg), "2CZ", "{}", show(&seg));
+    let seg = simple_ok(&mut a, "select count(*) from preptable").await;
+    assert_eq!(values(&seg), ["2"]);
+}
+
+/// `ALTER TABLE` changes a statement's result type: a client whose statement predates it gets
+/// PostgreSQL's `0A000 cached plan must not change result type`, as it would directly, but no
+/// client preparing the same text later may be handed that stale statement; and after
+/// `DEALLOCATE ALL` the altering client's own Parse is planned afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_plan_is_never_handed_to_a_later_parse() {
+    let db = TestDb::new("prep_alter");
+    let proxy = start_proxy(&proxy_config(&db, "default_pool_size = 1")).await;
+    let mut a = login(&proxy, &db).await;
+    let mut b = login(&proxy, &db).await;
+    let select = "SELECT * FROM testalter ORDER BY id";
+    simple_ok(
+        &mut a,
+        "CREATE TABLE testalter (id serial primary key, data text); INSERT INTO testalter (data) VALUES ('foo')",
+    )
+    .await;
+    expect_tags(&mut a, &prepare_bind_run("s", select, &[]), &["12DCZ"]).await;
+    expect_tags(&mut b, &prepare_bind_run("s", select, &[]), &["12DCZ"]).await;
+    simple_ok(&mut a, "ALTER TABLE testalter ADD data2 text").await;
+    let e = run_named(&mut b, "s").await.unwrap_err();
+    assert_eq!(e.code(), "0A000", "{}", show(std::slice::from_ref(&e)));
+    // A client preparing the same text now gets a statement planned afresh.
+    let mut c = login(&proxy, &db).await;
+    let seg = expect_tags(&mut c, &prepare_bind_run("s", select, &[]), &["12DCZ"]).await;
+    assert_eq!(values(&seg[0]), ["1"]);
+    // So does the altering client after DEALLOCATE ALL (psycopg sends it after ALTER).
+    simple_ok(&mut a, "DEALLOCATE ALL").await;
+    expect_tags(&mut a, &prepare_bind_run("s", select, &[]), &["12DCZ"]).await;
+    // A failed DEALLOCATE ALL (inside a failed block) keeps the client's statements.
+    simple_ok(&mut a, "BEGIN").await;
+    let seg = simple(&mut a, "select 1/0").await;
+    assert_eq!(error_of(&seg).code(), "22012");
+    let seg = simple(&mut a, "DEALLOCATE ALL").await;
+    assert_eq!(error_of(&seg).code(), "25P02");
+    simple_ok(&mut a, "ROLLBACK").await;
+    assert_eq!(run_named(&mut a, "s").await.unwrap(), ["1"]);
+}
+
+/// A Parse pipelined right behind `DEALLOCATE ALL` survives it: the statements dropped are
+/// those sent before it, not the one prepared after it in the same write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_pipelined_after_deallocate_all_survives_it() {
+    let db = TestDb::new("prep_dpipe");
+    let proxy = start_proxy(&proxy_config(&db, "default_pool_size = 1")).await;
+    let mut a = login(&proxy, &db).await;
+    expect_tags(
+        &mut a,
+        &cat(&[raw::parse("s1", "select 4"), raw::sync()]),
+        &["1Z"],
+    )
+    .await;
+    let bytes = cat(&[
+        raw::query("DEALLOCATE ALL"),
+        raw::parse("s1", "select 5"),
+        raw::sync(),
+    ]);
+    expect_tags(&mut a, &bytes, &["CZ", "1Z"]).await;
+    for _ in 0..2 {
+        assert_eq!(run_named(&mut a, "s1").await.unwrap(), ["5"]);
+    }
+    assert_eq!(server_statements(&mut a).await.len(), 1);
 }

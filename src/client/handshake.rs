@@ -247,8 +247,8 @@ async fn login<C: AsyncRead + AsyncWrite + Unpin>(
         .map(|(k, v)| (k, SettingValue::Text(v)))
         .collect();
     Ok(Ok(Opened::Session(Box::new(LoggedIn {
+        view: SessionView::new(startup, pool.plans.clone()),
         pool,
-        view: SessionView::new(startup),
         cancel,
         _tickets: [tenant_ticket, user_ticket],
     }))))

@@ -72,6 +72,8 @@ pub struct Pool {
     pub reset_query: String,
     /// Counters.
     pub stats: PoolStats,
+    /// The plan epoch naming its clients' shared prepared statements.
+    pub plans: Arc<crate::prepared::PlanEpoch>,
     params: Mutex<Option<Arc<ServerParams>>>,
     verdicts: Mutex<HashMap<(String, String), Verdict>>,
 }
@@ -119,6 +121,7 @@ impl Pool {
             suspicion: std::sync::atomic::AtomicU64::new(0),
             reset_query: config.server_reset_query.clone(),
             stats: PoolStats::default(),
+            plans: Arc::default(),
             params: Mutex::new(None),
             verdicts: Mutex::new(HashMap::new()),
         }

@@ -12,6 +12,7 @@ use super::view::SessionView;
 use crate::prepared::Statement;
 use crate::proto::backend::{self, PgError};
 use crate::proto::sql::SessionCommand;
+use crate::proto::sqlstate;
 use crate::server::ServerConn;
 
 /// Client statement mappings to put back if an answer the proxy gave is skipped (an earlier
@@ -72,6 +73,18 @@ pub enum Expect {
     InjectedParse(Sent),
     /// A Close the proxy injected (evicting a statement): its CloseComplete is swallowed.
     InjectedClose(Arc<str>),
+    /// The client's `DEALLOCATE ALL`, run on the server too (so its session shows no
+    /// statements): a simple query (`query`) or an Execute. `restore` puts the client's names
+    /// back if it fails; `mark` is the server cache's clock when it was sent (statements sent
+    /// before are gone once it completes).
+    DeallocateAll {
+        /// Sent as a simple query (ends with ReadyForQuery) rather than an Execute.
+        query: bool,
+        /// The client's statements before it.
+        restore: Restore,
+        /// `PreparedCache::mark` when it was sent.
+        mark: u64,
+    },
     /// An answer the proxy gives itself, emitted when its turn comes.
     Synthetic(Synth, Restore),
 }
@@ -79,7 +92,10 @@ pub enum Expect {
 impl Expect {
     /// Whether this request ends with ReadyForQuery.
     pub fn ends_with_ready(&self) -> bool {
-        matches!(self, Expect::Sync | Expect::Query(_) | Expect::Function)
+        matches!(
+            self,
+            Expect::Sync | Expect::Query(_) | Expect::Function | Expect::DeallocateAll { query: true, .. }
+        )
     }
 
     /// Whether an ERROR ends this request and makes the backend skip to Sync.
@@ -93,6 +109,7 @@ impl Expect {
                 | Expect::Close
                 | Expect::InjectedParse(_)
                 | Expect::InjectedClose(_)
+                | Expect::DeallocateAll { query: false, .. }
         )
     }
 }
@@ -110,6 +127,8 @@ pub enum Tag {
     DiscardAll,
     /// DEALLOCATE ALL.
     DeallocateAll,
+    /// DISCARD PLANS.
+    DiscardPlans,
     /// SET.
     Set,
     /// RESET.
@@ -127,6 +146,7 @@ impl Tag {
             b"ROLLBACK" => Tag::Rollback,
             b"DISCARD ALL" => Tag::DiscardAll,
             b"DEALLOCATE ALL" => Tag::DeallocateAll,
+            b"DISCARD PLANS" => Tag::DiscardPlans,
             b"SET" => Tag::Set,
             b"RESET" => Tag::Reset,
             _ => Tag::Other,
@@ -170,6 +190,14 @@ pub fn on_server_message(
                 }
                 _ => Route::Forward,
             }
+        }
+        (b'C', Expect::DeallocateAll { query, mark, .. }) => {
+            let (query, mark) = (*query, *mark);
+            server.prepared.forget_until(mark);
+            if !query {
+                view.expect.pop_front();
+            }
+            Route::Forward
         }
         (b'3', Expect::InjectedClose(_)) => {
             view.expect.pop_front();
@@ -222,12 +250,30 @@ pub enum ErrorEffect {
     AwaitingSync,
 }
 
-/// A (non-fatal) ErrorResponse arrived: the request at the head of the queue failed. In the
-/// extended protocol the backend then ignores everything up to the next Sync, so the owed
-/// answers up to it are undone, newest first (mappings come back as they were).
-pub fn on_error(view: &mut SessionView, server: &mut ServerConn) -> ErrorEffect {
-    if !view.head().is_some_and(Expect::extended) {
-        return ErrorEffect::Answered;
+/// A (non-fatal) ErrorResponse with SQLSTATE `code` arrived: the request at the head of the
+/// queue failed. In the extended protocol the backend then ignores everything up to the next
+/// Sync, so the owed answers up to it are undone, newest first (mappings come back as they
+/// were).
+pub fn on_error(view: &mut SessionView, server: &mut ServerConn, code: &str) -> ErrorEffect {
+    match view.expect.front_mut() {
+        Some((
+            _,
+            Expect::DeallocateAll {
+                query: true, restore, ..
+            },
+        )) => {
+            // Its ReadyForQuery still ends it; the client keeps its statements.
+            let restore = std::mem::take(restore);
+            restore_names(view, restore);
+            return ErrorEffect::Answered;
+        }
+        Some((_, head)) if head.extended() => {}
+        _ => return ErrorEffect::Answered,
+    }
+    if code == sqlstate::FEATURE_NOT_SUPPORTED {
+        // "cached plan must not change result type" (whatever the server's language): the
+        // shared statement is stale, so no later Parse may be mapped onto it.
+        view.plans.advance();
     }
     let mut gone = Vec::new();
     if let Some((_, f)) = view.expect.pop_front() {
@@ -279,8 +325,17 @@ fn on_command_complete(
         Tag::Commit => view.committed(server),
         Tag::Rollback => view.rolled_back(),
         // Whoever sent it, the server's state is back to its login state.
-        Tag::DiscardAll => server.discarded(),
-        Tag::DeallocateAll => server.prepared.clear(),
+        Tag::DiscardAll => {
+            server.discarded();
+            view.plans.advance();
+        }
+        // Not one the proxy recognised (the client's own is `Expect::DeallocateAll`), say in
+        // a multi-statement query: every statement is gone.
+        Tag::DeallocateAll => {
+            server.prepared.forget_until(server.prepared.mark());
+            view.plans.advance();
+        }
+        Tag::DiscardPlans => view.plans.advance(),
         Tag::Set | Tag::Reset | Tag::Other => {}
     }
     if let Some(cmd) = cmd {
@@ -310,15 +365,20 @@ fn undo(view: &mut SessionView, server: &mut ServerConn, e: Expect) {
             }
         }
         Expect::InjectedClose(name) => server.prepared.mark_unknown(name),
-        Expect::Synthetic(_, restore) => {
-            for (name, before) in restore.into_iter().rev() {
-                match before {
-                    Some(stmt) => view.statements.insert(name, stmt),
-                    None => view.statements.remove(&name),
-                };
-            }
+        Expect::Synthetic(_, restore) | Expect::DeallocateAll { restore, .. } => {
+            restore_names(view, restore);
         }
         _ => {}
+    }
+}
+
+/// Puts the client's statement names back as they were before a request that did not run.
+fn restore_names(view: &mut SessionView, restore: Restore) {
+    for (name, before) in restore.into_iter().rev() {
+        match before {
+            Some(stmt) => view.statements.insert(name, stmt),
+            None => view.statements.remove(&name),
+        };
     }
 }
 

@@ -482,7 +482,7 @@ impl State<'_> {
                         self.fatal = Some(err);
                         continue;
                     }
-                    if expect::on_error(self.view, server) == ErrorEffect::AwaitingSync {
+                    if expect::on_error(self.view, server, err.code()) == ErrorEffect::AwaitingSync {
                         // The backend discards the client's messages up to its Sync; so does
                         // the proxy for those not forwarded yet (the rest of one being streamed
                         // still goes through, to keep the backend's framing).

@@ -95,9 +95,15 @@ pub fn handle(
                 None
             };
             if let (Some(SessionCommand::Deallocate(name)), true) = (&cmd, server.prepared.enabled()) {
-                let synth = match deallocate(view, name.as_deref()) {
-                    (Ok(tag), restore) => Expect::Synthetic(Synth::QueryDone(tag), restore),
-                    (Err(e), _) => Expect::Synthetic(Synth::QueryError(e), Vec::new()),
+                let synth = match deallocate(view, server, name.as_deref(), true) {
+                    Deallocated::Answer(Ok(tag), restore) => {
+                        Expect::Synthetic(Synth::QueryDone(tag), restore)
+                    }
+                    Deallocated::Answer(Err(e), _) => Expect::Synthetic(Synth::QueryError(e), Vec::new()),
+                    Deallocated::Forward(expect) => {
+                        view.owe(expect);
+                        return Ok(forward(buf, h, server));
+                    }
                 };
                 buf.advance(h.total_len());
                 view.owe(synth);
@@ -192,7 +198,7 @@ fn extended(
                 ));
             }
             let cmd = classify(&String::from_utf8_lossy(query));
-            let stmt = Arc::new(Statement::new(query, types, cmd));
+            let stmt = Arc::new(Statement::new(query, types, cmd, view.plans.current()));
             buf.advance(h.total_len());
             view.statements.insert(client_name.clone(), stmt.clone());
             match prepare_on(view, server, &stmt) {
@@ -306,16 +312,20 @@ fn extended(
                 None
             };
             if let (Some(SessionCommand::Deallocate(name)), true) = (&cmd, track) {
-                // DEALLOCATE through the extended protocol: answered from the client's view,
-                // never run against the shared statements on the server.
-                let step = drop_message(buf, h);
-                match deallocate(view, name.as_deref()) {
-                    (Ok(tag), restore) => view.owe(Expect::Synthetic(Synth::Tag(tag), restore)),
-                    (Err(e), _) => {
+                // DEALLOCATE through the extended protocol: as the simple-query form.
+                match deallocate(view, server, name.as_deref(), false) {
+                    Deallocated::Forward(expect) => {
+                        view.owe(expect);
+                        return Ok(forward(buf, h, server));
+                    }
+                    Deallocated::Answer(Ok(tag), restore) => {
+                        view.owe(Expect::Synthetic(Synth::Tag(tag), restore));
+                    }
+                    Deallocated::Answer(Err(e), _) => {
                         refuse(view, flags, e);
                     }
                 }
-                return Ok(step);
+                return Ok(drop_message(buf, h));
             }
             view.owe(Expect::Execute(cmd));
             Ok(forward(buf, h, server))
@@ -377,13 +387,24 @@ fn inject_close(view: &mut SessionView, server: &mut ServerConn, name: Arc<str>)
     view.owe(Expect::InjectedClose(name));
 }
 
-/// `DEALLOCATE` answered from the client's view; shared statements stay on the servers.
-/// Returns the command tag (or the error PostgreSQL would give) and how to undo it.
-fn deallocate(view: &mut SessionView, name: Option<&str>) -> (Result<&'static str, PgError>, Restore) {
+/// What becomes of a client's `DEALLOCATE`.
+enum Deallocated {
+    /// Answered by the proxy from the client's view (a name: the shared statement stays on
+    /// the servers for other clients), or refused: the tag or error, and how to undo it.
+    Answer(Result<&'static str, PgError>, Restore),
+    /// `DEALLOCATE ALL`: run on the server too, owing this.
+    Forward(Expect),
+}
+
+/// `DEALLOCATE name` drops only the client's name. `DEALLOCATE ALL` also runs on the server,
+/// so the session the client sees holds no statements, and moves the pool's plan epoch on, so
+/// the client's next Parse of any text is planned afresh (after DDL, which is why drivers send
+/// it) on whichever server connection serves it; other clients keep their statements.
+fn deallocate(view: &mut SessionView, server: &ServerConn, name: Option<&str>, query: bool) -> Deallocated {
     if view.tx_status == b'E' {
         // Inside a failed block PostgreSQL refuses every command but the block's end.
         let msg = "current transaction is aborted, commands ignored until end of transaction block";
-        return (
+        return Deallocated::Answer(
             Err(sqlstate_error(
                 sqlstate::IN_FAILED_SQL_TRANSACTION,
                 msg.to_string(),
@@ -393,12 +414,16 @@ fn deallocate(view: &mut SessionView, name: Option<&str>) -> (Result<&'static st
     }
     match name {
         None => {
-            let restore = view.statements.drain().map(|(n, s)| (n, Some(s))).collect();
-            (Ok("DEALLOCATE ALL"), restore)
+            view.plans.advance();
+            Deallocated::Forward(Expect::DeallocateAll {
+                query,
+                restore: view.statements.drain().map(|(n, s)| (n, Some(s))).collect(),
+                mark: server.prepared.mark(),
+            })
         }
         Some(n) => match view.statements.remove(n) {
-            Some(s) => (Ok("DEALLOCATE"), vec![(n.to_string(), Some(s))]),
-            None => (Err(missing_statement(n)), Vec::new()),
+            Some(s) => Deallocated::Answer(Ok("DEALLOCATE"), vec![(n.to_string(), Some(s))]),
+            None => Deallocated::Answer(Err(missing_statement(n)), Vec::new()),
         },
     }
 }

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::expect::Expect;
-use crate::prepared::Statement;
+use crate::prepared::{PlanEpoch, Statement};
 use crate::proto::sql::SessionCommand;
 use crate::server::ServerConn;
 use crate::settings::{SettingValue, Settings};
@@ -61,17 +61,20 @@ pub struct SessionView {
     /// The backend is in COPY-in mode and the client has not ended it yet: its Syncs are
     /// ignored by the backend, so none is owed for them.
     pub(super) copy_in: bool,
+    /// The pool's plan epoch, naming the statements this client prepares.
+    pub plans: Arc<PlanEpoch>,
     /// Session command of the unnamed statement and of the unnamed portal.
     pub(super) unnamed_statement: Option<SessionCommand>,
     pub(super) unnamed_portal: Option<SessionCommand>,
 }
 
 impl SessionView {
-    /// A session that starts with these settings.
-    pub fn new(startup: Settings) -> Self {
+    /// A session of a pool with plan epoch `plans` that starts with these settings.
+    pub fn new(startup: Settings, plans: Arc<PlanEpoch>) -> Self {
         SessionView {
             settings: startup.clone(),
             startup,
+            plans,
             tx_status: b'I',
             ..Default::default()
         }
