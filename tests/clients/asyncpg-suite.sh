@@ -8,8 +8,8 @@
 #
 # Check out the tag of the release under test (ASYNCPG_VERSION, default 0.31.0: git checkout
 # v0.31.0), so tests and driver match. The driver is installed from PyPI into a virtualenv at
-# $ASYNCPG_VENV (default ASYNCPG_CHECKOUT/.pgsluice-venv). The tests open the database
-# `postgres` as well as `asyncpg_test`; both are routed. Extra pytest arguments go in
+# $ASYNCPG_VENV (default ASYNCPG_CHECKOUT/.pgsluice-venv). The tests open the databases
+# `postgres` and `testdb` (which they create) as well as `asyncpg_test`; all are routed. Extra pytest arguments go in
 # PYTEST_ARGS. Not part of .ci/run.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -18,22 +18,26 @@ checkout=$(cd "$checkout" && pwd)
 mode=${2:-transaction}
 version=${ASYNCPG_VERSION:-0.31.0}
 
-DESELECT=(
-    # Checks the source tree's own code style (flake8/mypy), not the driver at work.
-    "tests/test__sourcecode.py"
-)
+# One per line: a file, or file::Class::test; see pgsluice_deselect.py.
+DESELECT='
+# Checks the source tree'"'"'s own code style, not the driver at work.
+tests/test__sourcecode.py
+'
 
 venv=${ASYNCPG_VENV:-$checkout/.pgsluice-venv}
 if [ ! -x "$venv/bin/pytest" ]; then
     clients_log "creating $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q pytest "asyncpg==$version" "uvloop" "distro"
+    "$venv/bin/pip" install -q pytest pytest-timeout "asyncpg==$version" "uvloop" "distro"
 fi
 
-clients_start "$mode" postgres asyncpg_test
+clients_start "$mode" postgres asyncpg_test +testdb
 export PGDATABASE=postgres
-args=(-q -p no:cacheprovider)
-for t in "${DESELECT[@]}"; do args+=(--deselect "$t"); done
+# A test waiting for something a pooler cannot deliver (a NOTIFY in transaction mode) fails
+# after TEST_TIMEOUT seconds instead of holding up the run.
+args=(-q -p no:cacheprovider --timeout "${TEST_TIMEOUT:-30}")
+export PGSLUICE_DESELECT=$DESELECT PYTHONPATH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)${PYTHONPATH:+:$PYTHONPATH}
+args+=(-p pgsluice_deselect)
 log=${LOG:-/tmp/asyncpg-suite-${TARGET:-pgsluice}-$mode.log}
 # Run from an empty directory, so `import asyncpg` is the installed release, not the checkout.
 mkdir -p "$CLIENTS_TMP/run"

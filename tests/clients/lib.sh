@@ -29,6 +29,8 @@ clients_cleanup() {
     rm -rf "$CLIENTS_TMP"
 }
 trap clients_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # Runs a command as the postgres user when we are root (setpriv keeps the descriptor limit).
 clients_as_pg() {
@@ -68,11 +70,13 @@ clients_wait_ready() {
 }
 
 # clients_start MODE DB [DB ...]: the cluster (superuser postgres / postgres, SCRAM), the
-# databases, and the target in MODE (transaction | session).
+# databases, and the target in MODE (transaction | session), routing them all. A name
+# written +NAME is routed but not created (the suite creates it itself).
 clients_start() {
     local mode=$1
     shift
     CLIENTS_FIRST_DB=$1
+    local routed=("${@#+}")
     CLIENTS_PG_BIN=$(clients_pg_bin)
     CLIENTS_PG_PORT=$(clients_free_port)
     local target=${TARGET:-pgsluice}
@@ -93,7 +97,7 @@ CONF
     clients_as_pg "$CLIENTS_PG_BIN/pg_ctl" -D "$CLIENTS_TMP/data" -l "$CLIENTS_TMP/postgres.log" -w start >/dev/null
     local db
     for db in "$@"; do
-        case "$db" in postgres | template1) continue ;; esac
+        case "$db" in postgres | template1 | +*) continue ;; esac
         clients_as_pg "$CLIENTS_PG_BIN/psql" -X -q -h "$CLIENTS_TMP" -p "$CLIENTS_PG_PORT" -U postgres -d postgres \
             -c "CREATE DATABASE \"$db\""
     done
@@ -101,8 +105,8 @@ CONF
     CLIENTS_TARGET_PORT=$(clients_free_port)
     case "$target" in
         direct) CLIENTS_TARGET_PORT=$CLIENTS_PG_PORT ;;
-        pgsluice) clients_start_pgsluice "$mode" "$@" ;;
-        pgbouncer) clients_start_pgbouncer "$mode" "$@" ;;
+        pgsluice) clients_start_pgsluice "$mode" "${routed[@]}" ;;
+        pgbouncer) clients_start_pgbouncer "$mode" "${routed[@]}" ;;
         *) clients_log "unknown TARGET $target (pgsluice, pgbouncer, direct)"; return 1 ;;
     esac
     port=$CLIENTS_TARGET_PORT
