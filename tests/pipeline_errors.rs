@@ -369,3 +369,44 @@ async fn failing_batch(r: &mut Raw, round: usize) {
     let seg = within("select", r.recv_until(b'Z')).await;
     assert_eq!(values(&seg), ["1"], "round {round}: {}", show(&seg));
 }
+
+/// An ErrorResponse too large for the relay to inspect (a 100 kB RAISE message, as asyncpg's
+/// suite sends) still fails its request: the client gets it whole, then ReadyForQuery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_too_large_to_inspect_still_ends_the_request() {
+    let db = TestDb::new("pipe_bigerr");
+    let msg = "0".repeat(100 * 1024);
+    let sql = format!("DO language plpgsql $$ BEGIN RAISE EXCEPTION '{msg}'; END $$");
+    for mode in MODES {
+        let proxy = proxy(&db, mode, 2).await;
+        let mut r = login(&proxy, &db).await;
+        for tail_first in [false, true] {
+            let head = [raw::parse("big", &sql), raw::bind("big"), raw::execute()].concat();
+            if tail_first {
+                r.send(&[head, raw::sync()].concat()).await;
+            } else {
+                r.send(&[head, flush()].concat()).await;
+                recv_tag(&mut r, b'1').await;
+                recv_tag(&mut r, b'2').await;
+                let e = recv_tag(&mut r, b'E').await;
+                assert_eq!(e.field(b'M').as_deref(), Some(msg.as_str()));
+                r.send(&[raw::bind("big"), raw::execute(), raw::sync()].concat())
+                    .await;
+            }
+            let seg = within("the answers", r.recv_until(b'Z')).await;
+            let want = if tail_first { "12EZ" } else { "Z" };
+            assert_eq!(tags(&seg), want, "{mode}: {}", show(&seg));
+            if tail_first {
+                assert_eq!(seg[2].code(), "P0001");
+            }
+            r.send(&raw::sync()).await;
+            within("a lone Sync", r.recv_until(b'Z')).await;
+            // The client's statement stays (a failed Execute does not undo its Parse).
+            r.send(&[raw::close(b'S', "big"), raw::sync()].concat()).await;
+            let seg = within("close", r.recv_until(b'Z')).await;
+            assert_eq!(tags(&seg), "3Z", "{mode}: {}", show(&seg));
+            still_usable(&mut r, mode).await;
+        }
+        assert_eq!(servers_closed(&proxy), 0, "{mode}: no server connection lost");
+    }
+}

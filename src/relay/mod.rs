@@ -406,6 +406,17 @@ impl State<'_> {
         Ok(true)
     }
 
+    /// A (non-fatal) ErrorResponse with SQLSTATE `code` failed the request at the head of the
+    /// queue.
+    fn on_error(&mut self, server: &mut ServerConn, code: &str) {
+        if expect::on_error(self.view, server, code) == ErrorEffect::AwaitingSync {
+            // The backend discards the client's messages up to its Sync; so does the proxy
+            // for those not forwarded yet (the rest of one being streamed still goes
+            // through, to keep the backend's framing).
+            self.flags.skip_to_sync = true;
+        }
+    }
+
     /// Moves complete server messages to the client's buffer, matching them to what is owed.
     /// Stops right after the ReadyForQuery that makes the server releasable, leaving anything
     /// after it in the server's buffer.
@@ -482,12 +493,7 @@ impl State<'_> {
                         self.fatal = Some(err);
                         continue;
                     }
-                    if expect::on_error(self.view, server, err.code()) == ErrorEffect::AwaitingSync {
-                        // The backend discards the client's messages up to its Sync; so does
-                        // the proxy for those not forwarded yet (the rest of one being streamed
-                        // still goes through, to keep the backend's framing).
-                        self.flags.skip_to_sync = true;
-                    }
+                    self.on_error(server, err.code());
                     let limit = self.timers.as_deref().and_then(Timers::cancelled_after);
                     if let (Some(limit), sqlstate::QUERY_CANCELED) = (limit, err.code()) {
                         // The cancel was pgsluice's own: say so instead of "user request".
@@ -508,6 +514,12 @@ impl State<'_> {
                 (b'C', Some(b)) => {
                     let tag = expect::Tag::of(Reader::new(b).cstr("command tag")?);
                     expect::on_server_message(self.view, server, b'C', Some(tag))
+                }
+                (b'E', None) => {
+                    // Too large to inspect (a long RAISE message): its code is unknown, but it
+                    // fails the request all the same.
+                    self.on_error(server, "");
+                    Route::Forward
                 }
                 (tag, _) => expect::on_server_message(self.view, server, tag, None),
             };
