@@ -33,7 +33,7 @@ use crate::proto::sqlstate;
 use crate::proto::{ProtoError, Reader};
 use crate::server::{CancelTarget, ServerConn};
 use expect::{ErrorEffect, Route};
-use requests::{Flags, Segment, Step};
+use requests::{Flags, Segment, Skip, Step};
 use timers::{Expired, Phase};
 
 /// Bytes reserved per read.
@@ -137,7 +137,7 @@ where
         flags: Flags {
             track: mode == Mode::Transaction,
             segment: Segment::Synced,
-            skip_to_sync: false,
+            skip: Skip::No,
         },
         c_skip: 0,
         c_drop: false,
@@ -410,10 +410,9 @@ impl State<'_> {
     /// queue.
     fn on_error(&mut self, server: &mut ServerConn, code: &str) {
         if expect::on_error(self.view, server, code) == ErrorEffect::AwaitingSync {
-            // The backend discards the client's messages up to its Sync; so does the proxy
-            // for those not forwarded yet (the rest of one being streamed still goes
-            // through, to keep the backend's framing).
-            self.flags.skip_to_sync = true;
+            // The backend discards the client's messages up to its Sync: they are forwarded
+            // with nothing owed for them.
+            self.flags.skip = Skip::Forward;
         }
     }
 

@@ -46,8 +46,21 @@ pub struct Flags {
     pub track: bool,
     /// Where the client's extended-protocol request stands.
     pub segment: Segment,
-    /// An error was answered: drop the client's messages up to its Sync, as the backend does.
-    pub skip_to_sync: bool,
+    /// An error ended the client's request: what becomes of its messages up to its Sync.
+    pub skip: Skip,
+}
+
+/// The client's messages after an error, up to its Sync: the backend would ignore them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// No error: every message is handled.
+    No,
+    /// The proxy answered the error itself: they are dropped.
+    Drop,
+    /// The backend's error: they still go to the backend, which discards them, so a client
+    /// streaming a large pipeline is paced by the backend as it would be directly (drivers
+    /// notice the error when their writes block), and nothing is owed for them.
+    Forward,
 }
 
 /// Where the client's current extended-protocol request (up to its Sync) stands.
@@ -76,8 +89,10 @@ pub fn handle(
     server: &mut ServerConn,
     flags: &mut Flags,
 ) -> Result<Step, ProtoError> {
-    if flags.skip_to_sync && h.tag != b'S' {
-        return Ok(drop_message(buf, h));
+    match flags.skip {
+        Skip::Drop if h.tag != b'S' => return Ok(drop_message(buf, h)),
+        Skip::Forward if h.tag != b'S' => return Ok(forward(buf, h, server)),
+        _ => {}
     }
     let whole = buf.get(HEADER_LEN..h.total_len());
     match h.tag {
@@ -113,7 +128,7 @@ pub fn handle(
             Ok(forward(buf, h, server))
         }
         b'S' => {
-            flags.skip_to_sync = false;
+            flags.skip = Skip::No;
             flags.segment = Segment::Synced;
             view.syncs += 1;
             if view.copy_in {
@@ -442,7 +457,7 @@ fn sqlstate_error(code: &str, message: String) -> PgError {
 /// Answers an extended-protocol request with an error and skips to Sync, as the backend would.
 fn refuse(view: &mut SessionView, flags: &mut Flags, err: PgError) -> Step {
     view.owe(Expect::Synthetic(Synth::Error(err), Vec::new()));
-    flags.skip_to_sync = true;
+    flags.skip = Skip::Drop;
     Step::Done { stream: 0 }
 }
 
