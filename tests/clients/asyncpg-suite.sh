@@ -9,7 +9,8 @@
 # Check out the tag of the release under test (ASYNCPG_VERSION, default 0.31.0: git checkout
 # v0.31.0), so tests and driver match. The driver is installed from PyPI into a virtualenv at
 # $ASYNCPG_VENV (default ASYNCPG_CHECKOUT/.pgsluice-venv). The tests open the databases
-# `postgres` and `testdb` (which they create) as well as `asyncpg_test`; all are routed. Extra pytest arguments go in
+# `postgres`, `testdb` and `asyncpg_intro_test` (the last two they create) as well as
+# `asyncpg_test`; all are routed. Extra pytest arguments go in
 # PYTEST_ARGS. Not part of .ci/run.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -22,6 +23,11 @@ version=${ASYNCPG_VERSION:-0.31.0}
 DESELECT='
 # Checks the source tree'"'"'s own code style, not the driver at work.
 tests/test__sourcecode.py
+# Compare a NOTIFY'"'"'s sender pid with the backend pid the client was given (through a pooler,
+# the proxy'"'"'s own).
+tests/test_listeners.py::TestListeners::test_listen_01
+tests/test_listeners.py::TestListeners::test_listen_02
+tests/test_listeners.py::TestListeners::test_listen_notletters
 '
 
 venv=${ASYNCPG_VENV:-$checkout/.pgsluice-venv}
@@ -31,7 +37,7 @@ if [ ! -x "$venv/bin/pytest" ]; then
     "$venv/bin/pip" install -q pytest pytest-timeout "asyncpg==$version" "uvloop" "distro"
 fi
 
-clients_start "$mode" postgres asyncpg_test +testdb
+clients_start "$mode" postgres asyncpg_test +testdb +asyncpg_intro_test
 export PGDATABASE=postgres
 # A test waiting for something a pooler cannot deliver (a NOTIFY in transaction mode) fails
 # after TEST_TIMEOUT seconds instead of holding up the run.
