@@ -223,7 +223,8 @@ impl PreparedCache {
         self.unknown.retain(|_, t| *t > mark);
     }
 
-    /// The server dropped every statement (DISCARD ALL).
+    /// The server dropped every statement (DISCARD ALL, a `DEALLOCATE ALL` the proxy did not
+    /// send itself).
     pub fn clear(&mut self) {
         self.used.clear();
         self.pending.clear();

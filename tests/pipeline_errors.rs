@@ -124,16 +124,7 @@ async fn error_relayed_after_the_clients_tail_skips_the_tail() {
         let mut r = login(&proxy, &db).await;
         for sync_in_tail in [true, false] {
             // Advisory locks are per database: the holder works in the test's database.
-            let c = support::cluster();
-            let holder = support::connect(&format!(
-                "host={} port={} user={} password={} dbname={}",
-                c.host(),
-                c.port(),
-                c.superuser(),
-                c.superuser_password(),
-                db.user
-            ))
-            .await;
+            let holder = support::direct_to(&db.user).await;
             holder.batch_execute("begin").await.unwrap();
             holder
                 .execute("select pg_advisory_xact_lock($1)", &[&key])

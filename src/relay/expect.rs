@@ -236,17 +236,16 @@ pub fn on_server_message(
     }
 }
 
-/// What an ErrorResponse did to the client's extended-protocol request.
+/// What an ErrorResponse did to the client's request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorEffect {
-    /// Nothing more than the error itself: a simple query, a Sync, or no request.
-    Answered,
-    /// It failed an extended-protocol request whose Sync the backend has already been sent:
-    /// what the backend skips is forgotten, the Sync is still owed.
-    SkippedToSync,
+    /// It ended the request: a simple query, a Sync, or an extended-protocol request whose
+    /// Sync the backend has already been sent (what the backend skips up to it is forgotten,
+    /// the Sync is still owed).
+    Ended,
     /// It failed an extended-protocol request whose Sync has not been sent yet: the backend
-    /// now discards every message up to that Sync, so the proxy must drop the client's
-    /// messages up to it too (anything owed for them would never come).
+    /// now discards every message up to that Sync, so nothing may be owed for the client's
+    /// messages until then.
     AwaitingSync,
 }
 
@@ -265,10 +264,10 @@ pub fn on_error(view: &mut SessionView, server: &mut ServerConn, code: &str) -> 
             // Its ReadyForQuery still ends it; the client keeps its statements.
             let restore = std::mem::take(restore);
             restore_names(view, restore);
-            return ErrorEffect::Answered;
+            return ErrorEffect::Ended;
         }
         Some((_, head)) if head.extended() => {}
-        _ => return ErrorEffect::Answered,
+        _ => return ErrorEffect::Ended,
     }
     if code == sqlstate::FEATURE_NOT_SUPPORTED {
         // "cached plan must not change result type" (whatever the server's language): the
@@ -292,7 +291,7 @@ pub fn on_error(view: &mut SessionView, server: &mut ServerConn, code: &str) -> 
     if view.expect.is_empty() {
         ErrorEffect::AwaitingSync
     } else {
-        ErrorEffect::SkippedToSync
+        ErrorEffect::Ended
     }
 }
 
@@ -332,7 +331,7 @@ fn on_command_complete(
         // Not one the proxy recognised (the client's own is `Expect::DeallocateAll`), say in
         // a multi-statement query: every statement is gone.
         Tag::DeallocateAll => {
-            server.prepared.forget_until(server.prepared.mark());
+            server.prepared.clear();
             view.plans.advance();
         }
         Tag::DiscardPlans => view.plans.advance(),

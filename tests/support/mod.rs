@@ -120,9 +120,14 @@ impl TestDb {
 
 /// A superuser connection straight to the shared cluster, for observing the backend.
 pub async fn direct() -> tokio_postgres::Client {
+    direct_to("postgres").await
+}
+
+/// A superuser connection straight to database `db` of the shared cluster.
+pub async fn direct_to(db: &str) -> tokio_postgres::Client {
     let c = cluster();
     connect(&format!(
-        "host={} port={} user={} password={} dbname=postgres",
+        "host={} port={} user={} password={} dbname={db}",
         c.host(),
         c.port(),
         c.superuser(),
