@@ -92,3 +92,40 @@ async fn await_running(db: &TestDb) {
         "the query never ran"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_socket_closes_once_the_cancel_is_delivered() {
+    // asyncpg cancels after a failed COPY and waits for its cancel socket to close before the
+    // next query; PostgreSQL closes it once the backend is signalled, so that query is never
+    // hit. In session mode the client's server stays attached while idle, so a forwarded
+    // cancel still in flight when the socket closed would cancel the next query.
+    let db = TestDb::new("cancel_close");
+    let proxy = start_proxy(&db.config(
+        "default_pool_size = 1\npool_mode = \"session\"",
+        "auth = \"trust\"",
+    ))
+    .await;
+    let mut r = Raw::connect(proxy.addr()).await;
+    let login = r.login_trust(&db.user, &db.user).await;
+    let key = login.iter().find(|m| m.tag == b'K').unwrap();
+    let pid = u32::from_be_bytes(key.body[0..4].try_into().unwrap());
+    let secret = u32::from_be_bytes(key.body[4..8].try_into().unwrap());
+    for round in 0..5 {
+        r.send(&support::raw::query("select 1")).await;
+        r.recv_until(b'Z').await;
+        let mut cancel = Raw::connect(proxy.addr()).await;
+        let mut pkt = 16u32.to_be_bytes().to_vec();
+        pkt.extend_from_slice(&80877102u32.to_be_bytes());
+        pkt.extend_from_slice(&pid.to_be_bytes());
+        pkt.extend_from_slice(&secret.to_be_bytes());
+        cancel.send(&pkt).await;
+        cancel.expect_closed().await;
+        r.send(&support::raw::query("select pg_sleep(0.2)")).await;
+        let msgs = tokio::time::timeout(LIMIT, r.recv_until(b'Z')).await.unwrap();
+        assert!(
+            msgs.iter().all(|m| m.tag != b'E'),
+            "round {round}: the query after the closed cancel socket was cancelled: {}",
+            support::raw::show(&msgs)
+        );
+    }
+}

@@ -2,8 +2,10 @@
 //! forwarded, with the server's own key, to the backend currently running that client's query.
 //! Nothing is sent when the client holds no server connection, so a late cancel never reaches
 //! another client's query; and the server connection stays out of the pool until the cancel
-//! connection to the postmaster has closed (see `CancelGate`). A client still queued for a
-//! server connection is taken out of the queue instead (57014).
+//! connection to the postmaster has closed (see `CancelGate`). The client's cancel socket is
+//! closed only then too, as PostgreSQL's own is: a driver that waits for that close before its
+//! next query (asyncpg does) never has that query hit by its own late cancel. A client still
+//! queued for a server connection is taken out of the queue instead (57014).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use crate::server::{CancelTarget, ServerConn};
 use crate::sync::lock;
@@ -68,27 +71,30 @@ impl CancelRegistry {
 
     /// Handles a CancelRequest: forwards it if the key matches a client that is running
     /// something. Unknown keys are ignored, as PostgreSQL does. The forward runs in its own
-    /// task, so a client that closes its cancel socket at once still gets its query cancelled.
-    pub fn cancel(&self, pid: u32, secret: u32) {
+    /// task, so a client that closes its cancel socket at once still gets its query cancelled;
+    /// the returned handle resolves once the postmaster has taken the forwarded request
+    /// (`None`: nothing was forwarded, the cancel is already dealt with).
+    pub fn cancel(&self, pid: u32, secret: u32) -> Option<JoinHandle<()>> {
         let slot = {
             let entries = lock(&self.entries);
             match entries.get(&pid) {
                 Some(e) if bool::from(e.secret.ct_eq(&secret)) => e.slot.clone(),
                 _ => {
                     tracing::debug!(pid, "cancel request with an unknown key; ignored");
-                    return;
+                    return None;
                 }
             }
         };
         let target = lock(&slot.target).clone();
         match target {
-            Some(t) => t.send(),
+            Some(t) => return Some(t.send()),
             None if slot.waiting.load(Ordering::Acquire) => {
                 slot.cancelled.store(true, Ordering::Release);
                 slot.wake.notify_waiters();
             }
             None => tracing::debug!(pid, "cancel request for no running query; ignored"),
         }
+        None
     }
 
     /// Number of registered clients.

@@ -128,7 +128,10 @@ async fn startup<C: AsyncRead + AsyncWrite + Unpin>(
                 .into()))
             }
             Ok(StartupRequest::Cancel { pid, secret }) => {
-                ctx.cancels.cancel(pid, secret);
+                if let Some(delivered) = ctx.cancels.cancel(pid, secret) {
+                    // Bounded by the forward's own limit; the task runs on if this one ends.
+                    let _ = delivered.await;
+                }
                 return Ok(Ok(None));
             }
             Ok(StartupRequest::Startup { major, minor, params }) => break (major, minor, params),

@@ -230,7 +230,7 @@ impl State<'_> {
                 Poll::Ready(Expired::QueryCancel) => {
                     tracing::info!(server = server.id, "query_timeout passed; cancelling the query");
                     self.view.counters.query_timeouts += 1;
-                    CancelTarget::of(server).send();
+                    drop(CancelTarget::of(server).send());
                     // Loop: arms the grace period.
                 }
                 Poll::Ready(Expired::QueryGiveUp) => return Some(self.server_outcome(true)),

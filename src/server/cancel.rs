@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::task::JoinHandle;
 
 use super::{CancelGate, ServerConn};
 use crate::config::Backend;
@@ -38,8 +39,10 @@ impl CancelTarget {
     }
 
     /// Sends the cancel in its own task (a client that closes its cancel socket at once still
-    /// gets its query cancelled); the gate is held until it is delivered or fails.
-    pub fn send(self) {
+    /// gets its query cancelled); the gate is held until it is delivered or fails. The handle
+    /// resolves at the same moment, for a caller that reports delivery (dropping it does not
+    /// stop the task).
+    pub fn send(self) -> JoinHandle<()> {
         self.gate.begin();
         tokio::spawn(async move {
             if tokio::time::timeout(CANCEL_FORWARD_LIMIT, forward(&self))
@@ -49,7 +52,7 @@ impl CancelTarget {
                 tracing::warn!(backend = %self.backend, "forwarding a cancel request timed out");
             }
             self.gate.end();
-        });
+        })
     }
 }
 
