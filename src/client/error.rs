@@ -83,6 +83,10 @@ pub enum ClientError {
     /// The backend refused a session setting (reported at login with its own error).
     #[error("{0}")]
     Setting(PgError),
+    /// The backend refused some of the client's session settings on two server connections:
+    /// they were dropped from its session (each with the backend's error).
+    #[error("{}", settings_dropped(.0))]
+    SettingsDropped(Vec<(String, PgError)>),
     /// The server connection broke while serving this client, with nothing sent by the backend.
     #[error("server connection lost")]
     ServerLost,
@@ -157,8 +161,30 @@ impl ClientError {
                 }
             },
             ClientError::Setting(e) => e.clone().with_severity(severity),
+            ClientError::SettingsDropped(dropped) => match dropped.first() {
+                Some((_, e)) => PgError::new(severity, e.code(), msg),
+                None => PgError::new(severity, code::INTERNAL_ERROR, msg),
+            },
             ClientError::ServerLost => PgError::new(severity, code::CONNECTION_FAILURE, msg),
             ClientError::TransactionAborted => PgError::new(severity, code::IN_FAILED_SQL_TRANSACTION, msg),
         }
     }
+}
+
+/// "could not restore setting "role" on a server connection (role "x" does not exist); it is
+/// no longer part of this session".
+fn settings_dropped(dropped: &[(String, PgError)]) -> String {
+    let list: Vec<String> = dropped
+        .iter()
+        .map(|(name, e)| format!("\"{name}\" ({})", e.message()))
+        .collect();
+    let (noun, pronoun) = if dropped.len() == 1 {
+        ("setting", "it is")
+    } else {
+        ("settings", "they are")
+    };
+    format!(
+        "could not restore {noun} {} on a server connection; {pronoun} no longer part of this session",
+        list.join(", ")
+    )
 }

@@ -7,6 +7,7 @@ mod error;
 mod handshake;
 mod io;
 mod login;
+mod restore;
 mod session;
 
 use std::sync::Arc;

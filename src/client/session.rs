@@ -3,7 +3,6 @@
 //! Failures inside a session are ERROR + ReadyForQuery, and the client stays connected
 //! whenever that is safe.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -12,6 +11,7 @@ use tokio::time::Instant;
 use super::cancel::CancelHandle;
 use super::handshake::LoggedIn;
 use super::io::Gone;
+use super::restore;
 use super::ClientError;
 use crate::config::duration::fmt_duration;
 use crate::config::PoolMode;
@@ -19,12 +19,8 @@ use crate::pool::{Pool, PoolStats, Pooled};
 use crate::proto::backend::{self, PgError, Severity};
 use crate::proto::frame::parse_header;
 use crate::relay::{relay, ClientIo, Mode, Outcome, SessionView, Timers};
-use crate::settings::Settings;
 use crate::sync::until;
 
-/// A backstop on replacing server connections that die before any client byte reached them
-/// (the client's deadline is the real bound).
-const MAX_TRANSPARENT_RETRIES: usize = 1000;
 /// Bound on writing a FATAL to a client that was idle.
 const FATAL_FLUSH_LIMIT: Duration = Duration::from_secs(1);
 /// Bound on the proxy's own statements on a server connection (session settings, the
@@ -89,7 +85,7 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
             io,
             &s.pool,
             &s.cancel,
-            checkout(&s.pool, &s.view.settings, deadline),
+            restore::checkout(&s.pool, &mut s.view, deadline),
         )
         .await?;
         let mut server = match waited {
@@ -278,50 +274,6 @@ async fn reset_and_release(mut server: Pooled, statements: &[&str]) {
     }
     server.discarded();
     server.release();
-}
-
-/// Checks out a server connection and brings it to the client's settings. A connection that
-/// dies before any client byte was written to it is replaced transparently, as often as needed
-/// within the client's deadline (in a restart every idle connection dies at once).
-async fn checkout(
-    pool: &Arc<Pool>,
-    settings: &Settings,
-    deadline: Option<Instant>,
-) -> Result<Pooled, ClientError> {
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let mut server = pool.checkout(deadline).await?;
-        if server.settings_in_sync(settings) {
-            // The usual case: no round trip, so no timer either.
-            return Ok(server);
-        }
-        let why = match tokio::time::timeout(RESET_LIMIT, server.sync_settings(settings)).await {
-            Ok(Ok(None)) => return Ok(server),
-            Ok(Ok(Some(err))) => {
-                server.release();
-                return Err(ClientError::Setting(err));
-            }
-            Ok(Err(e)) => {
-                server.failed(None);
-                e.to_string()
-            }
-            Err(_) => {
-                // Alive but not answering: close it rather than wait on it.
-                server.discard();
-                format!(
-                    "no answer to the session settings within {}",
-                    fmt_duration(RESET_LIMIT)
-                )
-            }
-        };
-        let expired = deadline.is_some_and(|d| Instant::now() >= d);
-        if expired || attempts >= MAX_TRANSPARENT_RETRIES {
-            return Err(ClientError::ServerLost);
-        }
-        PoolStats::bump(&pool.stats.transparent_retries);
-        tracing::debug!(pool = %pool.key, error = %why, "server failed before the request reached it; retrying");
-    }
 }
 
 /// Answers one request of a client whose transaction block was lost with its server

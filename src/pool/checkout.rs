@@ -11,6 +11,7 @@ use super::slots::{Grant, QueueFull, Take};
 use super::{health, Pool, PoolKey, PoolStats};
 use crate::config::duration::fmt_duration;
 use crate::server::{self, ServerConn, ServerError};
+use crate::settings::Replayable;
 use crate::sync::{lock, until};
 
 /// Why a checkout produced no connection.
@@ -334,6 +335,7 @@ impl Pool {
                 let limit = self.settings.server_connect_timeout;
                 let mut conn = server::connect(&self.target, &self.credentials(), limit).await?;
                 let identity = conn.query_text(IDENTITY_QUERY).await?;
+                conn.replayable = self.replayable_settings(&mut conn, &identity).await?;
                 Ok((conn, identity))
             })
             .await;
@@ -363,6 +365,28 @@ impl Pool {
         Ok(conn)
     }
 
+    /// The settings this backend lets a session change, read from `pg_settings` by the first
+    /// login to each backend instance (`identity`). A backend that cannot say gets an empty
+    /// set for this connection: then nothing it reports is replayed.
+    async fn replayable_settings(
+        &self,
+        conn: &mut ServerConn,
+        identity: &Option<String>,
+    ) -> Result<Arc<Replayable>, ServerError> {
+        if let Some((known, set)) = &*lock(&self.replayable) {
+            if known == identity {
+                return Ok(set.clone());
+            }
+        }
+        let Some(listed) = conn.query_text(REPLAYABLE_QUERY).await? else {
+            tracing::warn!(pool = %self.key, "could not read pg_settings; no reported parameter will be replayed");
+            return Ok(Arc::default());
+        };
+        let set = Arc::new(Replayable::parse(&listed));
+        *lock(&self.replayable) = Some((identity.clone(), set.clone()));
+        Ok(set)
+    }
+
     /// The error for a client whose wait (or attempt to open a connection) ended while the
     /// backend is (or was just) down: 57P03 if it last said it is starting up, else 08006.
     fn outage_error(&self, started: Instant) -> CheckoutError {
@@ -379,6 +403,12 @@ impl Pool {
         }
     }
 }
+
+/// The settings a session may change, which the proxy may therefore replay on another
+/// connection: every one but the `internal` (read-only) ones. `is_superuser`, `role` and
+/// `session_authorization` are not listed in `pg_settings` at all.
+const REPLAYABLE_QUERY: &str = "SELECT pg_catalog.string_agg(pg_catalog.lower(name), ',') \
+     FROM pg_catalog.pg_settings WHERE context <> 'internal'";
 
 /// How a new connection learns which backend instance it reached: a restart changes it.
 const IDENTITY_QUERY: &str = "SELECT pg_catalog.pg_postmaster_start_time()::text";

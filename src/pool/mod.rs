@@ -33,6 +33,7 @@ use crate::auth::secret::Secret;
 use crate::config::{Config, Database, PoolSettings, Tenant, User};
 use crate::proto::backend::PgError;
 use crate::server::{LoginCredentials, ServerConn, ServerParams, ServerTarget};
+use crate::settings::Replayable;
 use tenant::{Capped, TenantState};
 
 /// Whether a (name, value) session setting is accepted by the backend, learned once.
@@ -75,6 +76,10 @@ pub struct Pool {
     /// The plan epoch naming its clients' shared prepared statements.
     pub plans: Arc<crate::prepared::PlanEpoch>,
     params: Mutex<Option<Arc<ServerParams>>>,
+    /// The settings the backend lets a session change (see `ServerConn::replayable`), with
+    /// the backend identity they were read from: read again after a restart (an upgrade
+    /// changes them).
+    replayable: Mutex<Option<(Option<String>, Arc<Replayable>)>>,
     verdicts: Mutex<HashMap<(String, String), Verdict>>,
 }
 
@@ -123,6 +128,7 @@ impl Pool {
             stats: PoolStats::default(),
             plans: Arc::default(),
             params: Mutex::new(None),
+            replayable: Mutex::new(None),
             verdicts: Mutex::new(HashMap::new()),
         }
     }

@@ -35,6 +35,12 @@ pub struct PoolStats {
     /// Requests moved to another server connection because theirs died before any of their
     /// bytes were sent.
     pub transparent_retries: AtomicU64,
+    /// Times the backend refused to bring a server connection to a client's session settings
+    /// (the connection was reset, and the client's transaction tried once more).
+    pub settings_refused: AtomicU64,
+    /// Session settings dropped from a client's session because the backend refused them on
+    /// two server connections.
+    pub settings_dropped: AtomicU64,
     /// Server connections retired after `server_lifetime`.
     pub servers_retired: AtomicU64,
     /// Idle server connections closed after `server_idle_timeout`.

@@ -27,8 +27,9 @@ pub enum SessionCommand {
 }
 
 /// Classifies one statement; `None` when it is anything else (including several statements,
-/// `SET LOCAL`, `SET TRANSACTION`, `SET CONSTRAINTS`, `SET SESSION CHARACTERISTICS`,
-/// `SET ROLE`, `SET SESSION AUTHORIZATION`: those are left alone).
+/// `SET LOCAL`, `SET TRANSACTION`, `SET CONSTRAINTS`, `SET SESSION CHARACTERISTICS`: those
+/// last only as long as the transaction). `SET ROLE` and `SET SESSION AUTHORIZATION` (and
+/// their RESETs) are the settings `role` and `session_authorization`.
 pub fn classify(sql: &str) -> Option<SessionCommand> {
     let (first, _) = split_word(skip_comments(sql)?);
     if !["set", "reset", "discard", "deallocate"]
@@ -49,16 +50,26 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
             let mut name = w.ident()?;
             if name == "session" {
                 name = w.ident()?;
+                if name == "authorization" {
+                    // SET SESSION AUTHORIZATION user | DEFAULT
+                    return identity_value(SESSION_AUTHORIZATION, w.rest(), "default");
+                }
+            }
+            if name == "role" {
+                // SET ROLE name | NONE, or the generic SET role {TO|=} value.
+                let rest = w.rest().trim_start();
+                let value = match rest.strip_prefix('=') {
+                    Some(v) => v,
+                    None => match split_word(rest) {
+                        (kw, v) if kw.eq_ignore_ascii_case("to") => v,
+                        _ => rest,
+                    },
+                };
+                return identity_value(ROLE, value, "none");
             }
             if matches!(
                 name.as_str(),
-                "local"
-                    | "transaction"
-                    | "constraints"
-                    | "characteristics"
-                    | "role"
-                    | "authorization"
-                    | "time"
+                "local" | "transaction" | "constraints" | "characteristics" | "authorization" | "time"
             ) {
                 return None;
             }
@@ -85,13 +96,19 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
             })
         }
         "reset" => {
-            let name = w.ident()?;
+            let mut name = w.ident()?;
+            if name == "session" {
+                if w.ident()? != "authorization" {
+                    return None;
+                }
+                name = SESSION_AUTHORIZATION.to_string();
+            }
             if !w.rest().trim().is_empty() {
                 return None;
             }
             match name.as_str() {
                 "all" => Some(SessionCommand::ResetAll),
-                "session" | "role" | "time" => None,
+                "time" => None,
                 _ => Some(SessionCommand::Reset { name }),
             }
         }
@@ -113,6 +130,27 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
         }
         _ => None,
     }
+}
+
+/// The setting behind `SET SESSION AUTHORIZATION`; changing it also resets `role`.
+pub const SESSION_AUTHORIZATION: &str = "session_authorization";
+/// The setting behind `SET ROLE`.
+pub const ROLE: &str = "role";
+
+/// `SET ROLE` / `SET SESSION AUTHORIZATION` with `value`: `reset_word` (NONE, DEFAULT) is a
+/// reset, anything else a value replayed as `SET "name" TO value`.
+fn identity_value(name: &str, value: &str, reset_word: &str) -> Option<SessionCommand> {
+    let value = value.trim();
+    if value.is_empty() {
+        return None;
+    }
+    if value.eq_ignore_ascii_case(reset_word) {
+        return Some(SessionCommand::Reset { name: name.into() });
+    }
+    Some(SessionCommand::Set {
+        name: name.into(),
+        value: value.to_string(),
+    })
 }
 
 /// Whether `sql` is one statement that ends a transaction block: COMMIT, END, ROLLBACK or
@@ -274,6 +312,20 @@ mod tests {
             Some(Deallocate(Some("S 2".into())))
         );
         assert_eq!(classify("DEALLOCATE ALL"), Some(Deallocate(None)));
+        assert_eq!(classify("SET ROLE admin"), set("role", "admin"));
+        assert_eq!(classify("set role = 'x'"), set("role", "'x'"));
+        assert_eq!(classify("SET SESSION ROLE \"Ad\""), set("role", "\"Ad\""));
+        assert_eq!(classify("SET ROLE NONE"), Some(Reset { name: "role".into() }));
+        assert_eq!(classify("RESET ROLE;"), Some(Reset { name: "role".into() }));
+        assert_eq!(
+            classify("SET SESSION AUTHORIZATION bob"),
+            set("session_authorization", "bob")
+        );
+        let reset_auth = Some(Reset {
+            name: "session_authorization".into(),
+        });
+        assert_eq!(classify("SET SESSION AUTHORIZATION DEFAULT"), reset_auth);
+        assert_eq!(classify("reset session authorization"), reset_auth);
         assert_eq!(
             classify("DEALLOCATE \"all\""),
             Some(Deallocate(Some("all".into())))
@@ -291,13 +343,11 @@ mod tests {
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "SET CONSTRAINTS ALL DEFERRED",
             "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
-            "SET ROLE admin",
-            "SET SESSION AUTHORIZATION bob",
             "SET TIME ZONE 'UTC'",
             "SET a = 1; SELECT 1",
             "SELECT 'SET a = 1'",
             "DISCARD PLANS",
-            "RESET ROLE",
+            "RESET SESSION foo",
             "SET",
             "SET a",
         ] {

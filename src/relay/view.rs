@@ -7,8 +7,9 @@ use std::sync::Arc;
 use super::expect::Expect;
 use crate::prepared::{PlanEpoch, Statement};
 use crate::proto::sql::SessionCommand;
+use crate::proto::sql::{ROLE, SESSION_AUTHORIZATION};
 use crate::server::ServerConn;
-use crate::settings::{SettingValue, Settings};
+use crate::settings::{survives_reset_all, SettingValue, Settings};
 
 /// Prepared-statement cache counters since the last time they were collected.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -147,8 +148,12 @@ impl SessionView {
     }
 
     /// A value the backend reported with ParameterStatus: the server has it now, and the client
-    /// sees it (unless a RESET ALL is bringing back its startup values).
+    /// sees it (unless a RESET ALL is bringing back its startup values). Read-only and identity
+    /// parameters (`is_superuser`, `session_authorization`, …) are not settings: never replayed.
     pub(super) fn reported(&mut self, server: &mut ServerConn, name: String, value: String) {
+        if !server.replayable.contains(&name) {
+            return;
+        }
         let v = SettingValue::Text(value);
         if !self.resetting {
             self.settings.insert(name.clone(), v.clone());
@@ -184,12 +189,18 @@ impl SessionView {
     fn apply(&mut self, server: &mut ServerConn, cmd: SessionCommand) {
         match cmd {
             SessionCommand::Set { name, value } => {
+                if name == SESSION_AUTHORIZATION {
+                    self.role_reset(server);
+                }
                 let v = SettingValue::Sql(value);
                 server.stale.remove(&name);
                 server.applied.insert(name.clone(), v.clone());
                 self.settings.insert(name, v);
             }
             SessionCommand::Reset { name } => {
+                if name == SESSION_AUTHORIZATION {
+                    self.role_reset(server);
+                }
                 server.stale.remove(&name);
                 server.applied.remove(&name);
                 match self.startup.get(&name) {
@@ -200,6 +211,10 @@ impl SessionView {
             SessionCommand::ResetAll => self.reset_all(server),
             SessionCommand::DiscardAll => {
                 self.reset_all(server);
+                // DISCARD ALL also resets the session user, and with it the role.
+                server.applied.clear();
+                server.stale.clear();
+                self.settings.retain(|name, _| !survives_reset_all(name));
                 self.statements.clear();
                 server.prepared.clear();
             }
@@ -207,10 +222,26 @@ impl SessionView {
         }
     }
 
+    /// Changing the session user resets the role (`SET ROLE NONE`) on the backend.
+    fn role_reset(&mut self, server: &mut ServerConn) {
+        server.stale.remove(ROLE);
+        server.applied.remove(ROLE);
+        self.settings.remove(ROLE);
+    }
+
+    /// RESET ALL: every setting back to the client's startup values, except the role and
+    /// session user, which it leaves alone as PostgreSQL does.
     fn reset_all(&mut self, server: &mut ServerConn) {
-        server.applied.clear();
-        server.stale.clear();
+        server.applied.retain(|name, _| survives_reset_all(name));
+        server.stale.retain(|name| survives_reset_all(name));
+        let kept: Vec<_> = self
+            .settings
+            .iter()
+            .filter(|(name, _)| survives_reset_all(name))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
         self.settings = self.startup.clone();
+        self.settings.extend(kept);
         self.resetting = true;
     }
 }

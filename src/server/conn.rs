@@ -13,7 +13,7 @@ use crate::prepared::PreparedCache;
 use crate::proto::backend::{parse_parameter_status, PgError};
 use crate::proto::frame::whole_message;
 use crate::proto::frontend;
-use crate::settings::{settings_sql, Settings};
+use crate::settings::{settings_sql, Replayable, Settings};
 
 /// ParameterStatus values a backend reported, by name.
 pub type ServerParams = BTreeMap<String, String>;
@@ -65,6 +65,11 @@ pub struct ServerConn {
     pub checked_at: u64,
     /// Cancels forwarded to this connection's backend process.
     pub cancel_gate: Arc<CancelGate>,
+    /// The settings a client may change and the proxy may therefore replay (`pg_settings`
+    /// minus the `internal` ones), read once per pool and backend instance. A reported
+    /// parameter outside it (`is_superuser`, `server_version`, `session_authorization`, …) is
+    /// never replayed.
+    pub replayable: Arc<Replayable>,
 }
 
 impl ServerConn {
@@ -184,6 +189,21 @@ impl ServerConn {
         self.applied.clone_from(wanted);
         self.stale.clear();
         Ok(None)
+    }
+
+    /// Brings the connection back to its login settings (`SET SESSION AUTHORIZATION DEFAULT`,
+    /// which also resets the role, then `RESET ALL`), keeping its prepared statements: what
+    /// the proxy does when the backend refused a client's settings. A backend ERROR is
+    /// returned and nothing is known to be applied then.
+    pub async fn reset_session(&mut self) -> Result<Option<PgError>, ServerError> {
+        let err = self
+            .simple_query("SET SESSION AUTHORIZATION DEFAULT; RESET ALL")
+            .await?;
+        if err.is_none() {
+            self.applied.clear();
+            self.stale.clear();
+        }
+        Ok(err)
     }
 
     /// The backend ran DISCARD ALL (the session-mode reset, a cleanup, or a client's own):

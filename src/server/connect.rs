@@ -114,6 +114,7 @@ async fn connect_unbounded(
         generation: 0,
         checked_at: 0,
         cancel_gate: Arc::new(CancelGate::default()),
+        replayable: Arc::default(),
     };
     login::login(&mut conn, target, creds).await?;
     conn.login_params = Arc::new(conn.params.clone());
