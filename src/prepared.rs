@@ -21,6 +21,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
 use crate::proto::backend::put_cstr;
+use crate::proto::effects::{effects, Effects};
 use crate::proto::frame::write_message;
 use crate::proto::sql::SessionCommand;
 
@@ -36,6 +37,8 @@ pub struct Statement {
     pub parse: Bytes,
     /// The session command its text is, if any (e.g. a prepared `SET`).
     pub command: Option<SessionCommand>,
+    /// What executing it may leave on the session (see `proto::effects`).
+    pub effects: Effects,
 }
 
 /// A pool's plan epoch: part of every proxy-wide statement name (see the module docs).
@@ -58,6 +61,7 @@ impl Statement {
     /// Builds the statement for `query` and the raw parameter-type section of a Parse body
     /// (the int16 count and the OIDs, as the client sent them), named in plan epoch `epoch`.
     pub fn new(query: &[u8], param_types: &[u8], command: Option<SessionCommand>, epoch: u64) -> Statement {
+        let effects = effects(query);
         let mut h = Sha256::new();
         h.update(query);
         h.update([0]);
@@ -80,6 +84,7 @@ impl Statement {
             name: name.into(),
             parse: parse.freeze(),
             command,
+            effects,
         }
     }
 }

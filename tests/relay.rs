@@ -255,9 +255,11 @@ async fn reported_setting_changes_stay_with_their_client() {
     tokio::spawn(conn);
     let b = connect(&db.url(&proxy)).await;
     // `a` changes reported settings (ParameterStatus) on the pool's only server connection.
-    a.simple_query("set application_name = 'changed-by-a'; set datestyle = 'German'")
+    // (One statement each: SET among other statements pins the client, see session_pins.)
+    a.simple_query("set application_name = 'changed-by-a'")
         .await
         .unwrap();
+    a.simple_query("set datestyle = 'German'").await.unwrap();
     let r = b
         .simple_query("show application_name; show datestyle")
         .await

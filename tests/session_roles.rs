@@ -82,9 +82,10 @@ async fn role_changes_in_blocks_and_resets() {
     let a = connect(&url).await;
     let b = connect(&url).await;
     // Rolled back: never happened.
-    a.simple_query(&format!("BEGIN; SET ROLE {role}; ROLLBACK"))
-        .await
-        .unwrap();
+    // (Statement by statement: SET among other statements in one string pins the client.)
+    a.simple_query("BEGIN").await.unwrap();
+    a.simple_query(&format!("SET ROLE {role}")).await.unwrap();
+    a.simple_query("ROLLBACK").await.unwrap();
     assert_eq!(value(&b, "select 1").await, "1");
     assert_eq!(value(&a, "select current_user").await, db.user);
     // Committed: carried. SET LOCAL ROLE lasts only its transaction.

@@ -87,6 +87,9 @@ pub enum ClientError {
     /// they were dropped from its session (each with the backend's error).
     #[error("{}", settings_dropped(.0))]
     SettingsDropped(Vec<(String, PgError)>),
+    /// The server connection of a pinned client broke: the session state it held is gone.
+    #[error("server connection lost, and with it this session's {0}")]
+    PinnedServerLost(String),
     /// The server connection broke while serving this client, with nothing sent by the backend.
     #[error("server connection lost")]
     ServerLost,
@@ -165,7 +168,9 @@ impl ClientError {
                 Some((_, e)) => PgError::new(severity, e.code(), msg),
                 None => PgError::new(severity, code::INTERNAL_ERROR, msg),
             },
-            ClientError::ServerLost => PgError::new(severity, code::CONNECTION_FAILURE, msg),
+            ClientError::ServerLost | ClientError::PinnedServerLost(_) => {
+                PgError::new(severity, code::CONNECTION_FAILURE, msg)
+            }
             ClientError::TransactionAborted => PgError::new(severity, code::IN_FAILED_SQL_TRANSACTION, msg),
         }
     }

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
@@ -18,6 +20,7 @@ use crate::config::PoolMode;
 use crate::pool::{Pool, PoolStats, Pooled};
 use crate::proto::backend::{self, PgError, Severity};
 use crate::proto::frame::parse_header;
+use crate::relay::pins::{parse_probe, Pins, PROBE_QUERY};
 use crate::relay::{relay, ClientIo, Mode, Outcome, SessionView, Timers};
 use crate::sync::until;
 
@@ -27,10 +30,52 @@ const FATAL_FLUSH_LIMIT: Duration = Duration::from_secs(1);
 /// session-mode reset query, the cleanup after a timeout).
 pub(super) const RESET_LIMIT: Duration = Duration::from_secs(10);
 
-/// Serves a logged-in client until it leaves.
+/// Serves a logged-in client until it leaves. A server connection the client was pinned to
+/// is reset (DISCARD ALL) and goes back to the pool then, however the client left.
 pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<C>,
     mut s: LoggedIn,
+) -> Result<(), Gone> {
+    let mut pinned = Pinned::default();
+    let result = serve(io, &mut s, &mut pinned).await;
+    if let Some(server) = pinned.server.take() {
+        finish_pinned(server, &s.view.pins).await;
+    }
+    result
+}
+
+/// The server connection a pinned client keeps between its transactions, and its place in
+/// the pool's gauge of pinned clients.
+#[derive(Default)]
+struct Pinned {
+    server: Option<Pooled>,
+    counted: Option<PinTicket>,
+}
+
+/// One pinned client in its pool's `pinned_clients` gauge, for as long as it lives.
+struct PinTicket(Arc<Pool>);
+
+impl PinTicket {
+    fn new(pool: &Arc<Pool>) -> PinTicket {
+        PoolStats::bump(&pool.stats.pins);
+        PoolStats::bump(&pool.stats.pinned_clients);
+        PinTicket(pool.clone())
+    }
+}
+
+impl Drop for PinTicket {
+    fn drop(&mut self) {
+        self.0
+            .stats
+            .pinned_clients
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    s: &mut LoggedIn,
+    pinned: &mut Pinned,
 ) -> Result<(), Gone> {
     let mode = match s.pool.settings.pool_mode {
         PoolMode::Transaction => Mode::Transaction,
@@ -80,20 +125,25 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
             answer_lost_block(io, &mut s.view).await?;
             continue;
         }
-        let deadline = limits.query_wait_timeout.map(|t| Instant::now() + t);
-        let waited = wait_for_server(
-            io,
-            &s.pool,
-            &s.cancel,
-            restore::checkout(&s.pool, &mut s.view, deadline),
-        )
-        .await?;
-        let mut server = match waited {
-            Ok(server) => server,
-            Err(e) => {
-                tracing::info!(pool = %s.pool.key, error = %e, "request failed before reaching a server");
-                fail_request(io, &e.to_pg_error(Severity::Error), b'I').await?;
-                continue;
+        let mut server = match pinned.server.take() {
+            Some(server) => server,
+            None => {
+                let deadline = limits.query_wait_timeout.map(|t| Instant::now() + t);
+                let waited = wait_for_server(
+                    io,
+                    &s.pool,
+                    &s.cancel,
+                    restore::checkout(&s.pool, &mut s.view, deadline),
+                )
+                .await?;
+                match waited {
+                    Ok(server) => server,
+                    Err(e) => {
+                        tracing::info!(pool = %s.pool.key, error = %e, "request failed before reaching a server");
+                        fail_request(io, &e.to_pg_error(Severity::Error), b'I').await?;
+                        continue;
+                    }
+                }
             }
         };
         s.cancel.attach(&server);
@@ -104,11 +154,39 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
         PoolStats::bump(&s.pool.stats.transactions);
         match outcome {
             Outcome::Released => {
-                server.release();
+                let was_pinned = s.view.pins.pinned();
+                match settle_pins(&mut server, &mut s.view).await {
+                    Ok(true) => {
+                        if !was_pinned {
+                            tracing::debug!(pool = %s.pool.key, state = %s.view.pins.describe(), "client pinned to its server connection");
+                        }
+                        pinned.counted.get_or_insert_with(|| PinTicket::new(&s.pool));
+                        pinned.server = Some(server);
+                    }
+                    Ok(false) => {
+                        pinned.counted = None;
+                        if was_pinned {
+                            tracing::debug!(pool = %s.pool.key, "client unpinned");
+                        }
+                        server.release();
+                    }
+                    Err(why) => {
+                        tracing::warn!(pool = %s.pool.key, error = %why, "server connection lost after a transaction");
+                        server.failed(None);
+                        pinned.counted = None;
+                        if was_pinned || s.view.pins.pinned() {
+                            return fatal(io, ClientError::PinnedServerLost(s.view.pins.describe())).await;
+                        }
+                    }
+                }
                 io.flush().await?;
             }
             Outcome::ClientGone { server_clean } => {
-                finish_server(server, server_clean, mode).await;
+                if server_clean && mode == Mode::Transaction && s.view.pins.needs_reset() {
+                    finish_pinned(server, &s.view.pins).await;
+                } else {
+                    finish_server(server, server_clean, mode).await;
+                }
                 return Ok(());
             }
             Outcome::ClientProtocol(e) => {
@@ -131,7 +209,11 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
                 PoolStats::bump(&s.pool.stats.client_idle_timeouts);
                 let limit = limits.client_idle_timeout.unwrap_or_default();
                 let told = fatal_within(io, ClientError::IdleTimeout(limit)).await;
-                finish_server(server, server_clean, mode).await;
+                if server_clean && mode == Mode::Transaction && s.view.pins.needs_reset() {
+                    finish_pinned(server, &s.view.pins).await;
+                } else {
+                    finish_server(server, server_clean, mode).await;
+                }
                 return told;
             }
             Outcome::ServerGone {
@@ -160,6 +242,13 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
                     }
                     io.flush().await?;
                     return Ok(());
+                }
+                if s.view.pins.pinned() {
+                    // Its session state (temporary tables, locks, ...) went with the
+                    // connection: as PostgreSQL, the client loses its session.
+                    skip_bytes(io, client_skip).await?;
+                    pinned.counted = None;
+                    return fatal(io, ClientError::PinnedServerLost(s.view.pins.describe())).await;
                 }
                 skip_bytes(io, client_skip).await?;
                 let status = if matches!(tx_status, b'T' | b'E') {
@@ -347,6 +436,42 @@ async fn finish_server(server: Pooled, clean: bool, mode: Mode) {
         return reset_and_release(server, &[&sql]).await;
     }
     server.release();
+}
+
+/// After a transaction in transaction mode: whether the client keeps its server connection.
+/// Probes the backend's session state first when the transaction may have changed it.
+/// `Err`: the connection failed (the transaction itself had completed).
+async fn settle_pins(server: &mut Pooled, view: &mut SessionView) -> Result<bool, String> {
+    let probe = view.pins.needs_probe();
+    view.pins.transaction_ended();
+    if probe {
+        match tokio::time::timeout(RESET_LIMIT, server.query_text(PROBE_QUERY)).await {
+            Ok(Ok(answer)) => match parse_probe(answer.as_deref()) {
+                Some(bits) => view.pins.probed(bits),
+                None => view.pins.probe_failed(),
+            },
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => {
+                return Err(format!(
+                    "no answer to the session probe within {}",
+                    fmt_duration(RESET_LIMIT)
+                ))
+            }
+        }
+    }
+    Ok(view.pins.pinned())
+}
+
+/// A client with session state on its server connection is gone: the connection is reset
+/// (`DISCARD ALL` drops temporary tables, advisory locks, cursors, prepared statements and
+/// LISTENs) and goes back to the pool; closed instead if the reset fails or a library was
+/// loaded into the backend.
+async fn finish_pinned(server: Pooled, pins: &Pins) {
+    if pins.must_close() {
+        server.discard();
+    } else {
+        reset_and_release(server, &["DISCARD ALL"]).await;
+    }
 }
 
 /// Answers a request that could not reach a server: ERROR, then the client's messages up to the

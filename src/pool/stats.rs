@@ -41,6 +41,11 @@ pub struct PoolStats {
     /// Session settings dropped from a client's session because the backend refused them on
     /// two server connections.
     pub settings_dropped: AtomicU64,
+    /// Times a transaction-mode client got pinned to its server connection (it left session
+    /// state there: temporary tables, advisory locks, ...).
+    pub pins: AtomicU64,
+    /// Gauge, not a counter: clients pinned to their server connection now.
+    pub pinned_clients: AtomicU64,
     /// Server connections retired after `server_lifetime`.
     pub servers_retired: AtomicU64,
     /// Idle server connections closed after `server_idle_timeout`.

@@ -5,6 +5,7 @@
 //! Nothing here panics on input: lengths are checked before use and before allocation.
 
 pub mod backend;
+pub mod effects;
 pub mod frame;
 pub mod frontend;
 pub mod sql;

@@ -11,6 +11,7 @@
 //! Knows nothing about pools or metrics: it returns what happened.
 
 mod expect;
+pub mod pins;
 mod requests;
 mod timers;
 mod view;

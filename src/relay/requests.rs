@@ -11,6 +11,7 @@ use super::expect::{Expect, Restore, Sent, Synth};
 use super::view::SessionView;
 use crate::prepared::{Presence, Statement};
 use crate::proto::backend::{put_cstr, PgError, Severity};
+use crate::proto::effects::{effects, Effects};
 use crate::proto::frame::{Header, HEADER_LEN};
 use crate::proto::sql::{classify, SessionCommand};
 use crate::proto::sqlstate;
@@ -98,6 +99,10 @@ pub fn handle(
     match h.tag {
         b'Q' => {
             if h.body_len > CLASSIFY_LIMIT {
+                if flags.track {
+                    // Too long to look at: it may create state, so the session is probed.
+                    view.pins.note(Effects::STATE);
+                }
                 view.owe(Expect::Query(None));
                 return Ok(forward(buf, h, server));
             }
@@ -105,7 +110,9 @@ pub fn handle(
                 return Ok(Step::NeedMore(h.total_len()));
             };
             let cmd = if flags.track {
-                classify(&String::from_utf8_lossy(Reader::new(body).cstr("query")?))
+                let text = Reader::new(body).cstr("query")?;
+                view.pins.note(effects(text));
+                classify(&String::from_utf8_lossy(text))
             } else {
                 None
             };
@@ -183,9 +190,16 @@ fn extended(
                     };
                     let mut r = Reader::new(body);
                     r.cstr("statement name")?;
-                    view.unnamed_statement = classify(&String::from_utf8_lossy(r.cstr("query")?));
+                    let text = r.cstr("query")?;
+                    view.unnamed_effects = effects(text);
+                    view.unnamed_statement = classify(&String::from_utf8_lossy(text));
                 } else {
                     view.unnamed_statement = None;
+                    view.unnamed_effects = if flags.track {
+                        Effects::STATE
+                    } else {
+                        Effects::NONE
+                    };
                 }
                 view.owe(Expect::Parse(None));
                 return Ok(forward(buf, h, server));
@@ -231,6 +245,9 @@ fn extended(
             let portal = r.cstr("portal name")?;
             let stmt_name = r.cstr("statement name")?;
             let portal_unnamed = portal.is_empty();
+            if stmt_name.is_empty() {
+                view.pins.note(view.unnamed_effects);
+            }
             if stmt_name.is_empty() || !track {
                 if portal_unnamed {
                     view.unnamed_portal = if stmt_name.is_empty() {
@@ -256,6 +273,7 @@ fn extended(
             if portal_unnamed {
                 view.unnamed_portal = stmt.command.clone();
             }
+            view.pins.note(stmt.effects);
             ensure_prepared(view, server, &stmt);
             // Rewrite the head (portal, statement name); the parameters stream through.
             let old_head = portal.len() + 1 + stmt_name.len() + 1;
@@ -438,7 +456,10 @@ fn deallocate(view: &mut SessionView, server: &ServerConn, name: Option<&str>, q
         }
         Some(n) => match view.statements.remove(n) {
             Some(s) => Deallocated::Answer(Ok("DEALLOCATE"), vec![(n.to_string(), Some(s))]),
-            None => Deallocated::Answer(Err(missing_statement(n)), Vec::new()),
+            // Not a protocol-level name: a SQL-level PREPARE's (the client is pinned while it
+            // has one), or nothing, which the backend says itself.
+            None if query => Deallocated::Forward(Expect::Query(None)),
+            None => Deallocated::Forward(Expect::Execute(None)),
         },
     }
 }

@@ -5,7 +5,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::expect::Expect;
+use super::pins::Pins;
 use crate::prepared::{PlanEpoch, Statement};
+use crate::proto::effects::Effects;
 use crate::proto::sql::SessionCommand;
 use crate::proto::sql::{ROLE, SESSION_AUTHORIZATION};
 use crate::server::ServerConn;
@@ -67,6 +69,10 @@ pub struct SessionView {
     /// Session command of the unnamed statement and of the unnamed portal.
     pub(super) unnamed_statement: Option<SessionCommand>,
     pub(super) unnamed_portal: Option<SessionCommand>,
+    /// What executing the unnamed statement may leave on the session.
+    pub(super) unnamed_effects: Effects,
+    /// Whether the client must keep its server connection between transactions.
+    pub pins: Pins,
 }
 
 impl SessionView {
@@ -210,6 +216,7 @@ impl SessionView {
             }
             SessionCommand::ResetAll => self.reset_all(server),
             SessionCommand::DiscardAll => {
+                self.pins.discarded();
                 self.reset_all(server);
                 // DISCARD ALL also resets the session user, and with it the role.
                 server.applied.clear();
