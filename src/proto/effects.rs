@@ -72,6 +72,9 @@ const ADVISORY_UNLOCK: [&str; 3] = [
 /// Examines a whole query text (a simple Query, which may hold several statements, or a
 /// Parse, which holds one).
 pub fn effects(sql: &[u8]) -> Effects {
+    if !may_matter(sql) {
+        return Effects::NONE;
+    }
     let mut found = Effects::NONE;
     let mut lexer = Lexer::new(sql);
     let mut statements = 0usize;
@@ -99,6 +102,75 @@ pub fn effects(sql: &[u8]) -> Effects {
         found |= Effects::UNTRACKED;
     }
     found
+}
+
+/// Statements whose first word alone may make them matter.
+const FIRST_WORDS: [&[u8]; 12] = [
+    b"create",
+    b"declare",
+    b"prepare",
+    b"listen",
+    b"unlisten",
+    b"close",
+    b"deallocate",
+    b"discard",
+    b"drop",
+    b"load",
+    b"set",
+    b"do",
+];
+
+/// The hot path's pre-check, one pass over the bytes: false only when the lexer would find
+/// nothing (no interesting first word, no second statement, no `temp` word, no
+/// `_advisory_` or `_try_advisory_` name). A text starting with a comment goes to the lexer.
+fn may_matter(sql: &[u8]) -> bool {
+    let start = sql
+        .iter()
+        .position(|c| !(c.is_ascii_whitespace() || *c == b'('))
+        .unwrap_or(sql.len());
+    let rest = sql.get(start..).unwrap_or_default();
+    if matches!(rest.first(), Some(b'-' | b'/')) {
+        return true;
+    }
+    let word_len = rest
+        .iter()
+        .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+        .unwrap_or(rest.len());
+    let (first, rest) = rest.split_at(word_len);
+    let initial = first.first().map(|c| c | 0x20);
+    if FIRST_WORDS
+        .iter()
+        .any(|k| k.len() == first.len() && k.first() == initial.as_ref() && first.eq_ignore_ascii_case(k))
+    {
+        return true;
+    }
+    let at = |i: usize, word: &[u8]| {
+        rest.get(i..i + word.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(word))
+    };
+    // A second statement, or `pg_advisory_lock` and kin.
+    for i in memchr::memchr2_iter(b'_', b';', rest) {
+        let hit = if rest.get(i) == Some(&b';') {
+            rest.get(i + 1..)
+                .is_some_and(|tail| tail.iter().any(|c| !c.is_ascii_whitespace()))
+        } else {
+            at(i + 1, b"advisory_") || at(i + 1, b"try_advisory_")
+        };
+        if hit {
+            return true;
+        }
+    }
+    // "temp" as a word of its own (INTO TEMP t).
+    for i in memchr::memchr2_iter(b't', b'T', rest) {
+        let word_start = i
+            .checked_sub(1)
+            .and_then(|p| rest.get(p))
+            .is_none_or(|p| !(p.is_ascii_alphanumeric() || *p == b'_'));
+        if word_start && at(i, b"temp") {
+            return true;
+        }
+    }
+    false
 }
 
 /// One statement's findings.
