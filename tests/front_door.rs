@@ -283,6 +283,20 @@ async fn startup_packet_length_is_checked_before_reading() {
     expect_fatal(&mut r, "08P01").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_before_the_startup_packet_closes_quietly() {
+    // node-postgres's `client.connect(); client.end()` may write Terminate before its startup
+    // packet. PostgreSQL closes without an ErrorResponse (which node would raise as an
+    // unhandled error); so must the proxy.
+    let db = TestDb::new("fd_term");
+    let proxy = start_proxy(&db.config("", "auth = \"trust\"")).await;
+    let mut r = Raw::connect(proxy.addr()).await;
+    let mut b = vec![b'X', 0, 0, 0, 4];
+    b.extend_from_slice(&raw::startup_packet(196_608, &[("user", &db.user)]));
+    r.send(&b).await;
+    timeout(LIMIT, r.expect_closed()).await.unwrap();
+}
+
 // 6.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_message_after_login_is_fatal_54000() {

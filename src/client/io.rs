@@ -22,6 +22,12 @@ pub async fn read_startup<C: AsyncRead + Unpin>(
 ) -> Result<Result<Vec<u8>, ClientError>, Gone> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await.map_err(|_| Gone)?;
+    if len == [b'X', 0, 0, 0] {
+        // A Terminate before any startup packet (node-postgres's `connect(); end()` can write
+        // it first): the client is leaving before it began. PostgreSQL closes without a
+        // word (its length check only logs); so does pgsluice.
+        return Err(Gone);
+    }
     let body_len = match startup::body_len(u32::from_be_bytes(len)) {
         Ok(n) => n,
         Err(e) => return Ok(Err(e.into())),
