@@ -14,7 +14,7 @@ use std::time::Duration;
 use pgsluice::app::Proxy;
 use pgsluice::pool::Pool;
 use support::raw::Raw;
-use support::{cluster, connect, first_value, sqlstate, start_proxy, TestDb};
+use support::{cluster, connect, first_value, start_proxy, TestDb};
 use tokio_postgres::Client;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -240,17 +240,49 @@ async fn a_pinned_client_whose_server_dies_loses_its_session() {
     cluster()
         .psql("postgres", &format!("select pg_terminate_backend({pid})"))
         .unwrap();
-    // Its temporary table is gone: as with PostgreSQL, the session ends with an error.
-    let err = a.simple_query("select count(*) from t").await.unwrap_err();
-    let code = sqlstate(&err);
-    assert!(
-        matches!(code.as_deref(), Some("57P01") | Some("08006")) || err.is_closed(),
-        "{err:?}"
-    );
+    // Its temporary table is gone: as with PostgreSQL, the session ends, and the idle client
+    // hears of it at once (FATAL 08006), without sending anything.
     assert!(
         support::eventually(LIMIT, || a.is_closed()).await,
         "the client's connection is closed"
     );
+    assert!(a.simple_query("select count(*) from t").await.is_err());
     assert_eq!(value(&b, "select 1").await, "1");
     assert_eq!(pinned(&proxy), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_listener_gets_notifications_while_idle() {
+    use futures_util::StreamExt;
+    let db = TestDb::new("pin_notify");
+    let proxy = proxy(&db, 2).await;
+    let url = db.url(&proxy);
+    let (a, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+        }
+    });
+    a.simple_query("LISTEN jobs").await.unwrap();
+    assert_eq!(pinned(&proxy), 1);
+    let b = connect(&url).await;
+    for i in 0..5 {
+        b.simple_query(&format!("NOTIFY jobs, 'job {i}'")).await.unwrap();
+    }
+    for i in 0..5 {
+        let got = tokio::time::timeout(LIMIT, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(got, ("jobs".to_string(), format!("job {i}")));
+    }
+    a.simple_query("UNLISTEN jobs").await.unwrap();
+    assert_eq!(pinned(&proxy), 0);
+    assert_eq!(
+        value(&a, "select count(*) from pg_listening_channels()").await,
+        "0"
+    );
 }

@@ -98,17 +98,48 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
             match parse_header(&io.inbuf, io.max_body) {
                 Err(e) => return fatal(io, ClientError::Protocol(e)).await,
                 Ok(Some(h)) => break h.tag,
-                Ok(None) => match idle_until {
-                    None => io.fill().await?,
-                    Some(at) => match tokio::time::timeout_at(at, io.fill()).await {
-                        Ok(r) => r?,
-                        Err(_) => {
+                Ok(None) => {
+                    let waited = match pinned.server.as_mut() {
+                        None => Idle::Client(tokio::time::timeout_at(far(idle_until), io.fill()).await),
+                        // A pinned client's server may speak while the client is idle:
+                        // notifications of its LISTENs, notices, or its end.
+                        Some(server) => tokio::select! {
+                            r = tokio::time::timeout_at(far(idle_until), io.fill()) => Idle::Client(r),
+                            m = server.read_message() => Idle::Server(m),
+                        },
+                    };
+                    match waited {
+                        Idle::Client(Ok(r)) => r?,
+                        Idle::Client(Err(_)) => {
                             PoolStats::bump(&s.pool.stats.client_idle_timeouts);
                             let limit = limits.client_idle_timeout.unwrap_or_default();
                             return fatal(io, ClientError::IdleTimeout(limit)).await;
                         }
-                    },
-                },
+                        Idle::Server(Ok((tag, body))) if matches!(tag, b'A' | b'N' | b'S') => {
+                            crate::proto::frame::write_message(&mut io.out, tag, |o| {
+                                o.extend_from_slice(&body)
+                            });
+                            io.flush().await?;
+                        }
+                        Idle::Server(other) => {
+                            let why = match other {
+                                Ok((b'E', body)) => {
+                                    PgError::parse(&body).map_or_else(|e| e.to_string(), |e| e.to_string())
+                                }
+                                Ok((tag, _)) => {
+                                    format!("unexpected message {:?} from an idle backend", char::from(tag))
+                                }
+                                Err(e) => e.to_string(),
+                            };
+                            tracing::warn!(pool = %s.pool.key, error = %why, "a pinned client's server connection ended");
+                            if let Some(server) = pinned.server.take() {
+                                server.failed(None);
+                            }
+                            pinned.counted = None;
+                            return fatal(io, ClientError::PinnedServerLost(s.view.pins.describe())).await;
+                        }
+                    }
+                }
             }
         };
         if tag == b'X' {
@@ -436,6 +467,18 @@ async fn finish_server(server: Pooled, clean: bool, mode: Mode) {
         return reset_and_release(server, &[&sql]).await;
     }
     server.release();
+}
+
+/// What ended an idle wait: the client's bytes (or its idle timeout), or a pinned server's
+/// message.
+enum Idle {
+    Client(Result<Result<(), Gone>, tokio::time::error::Elapsed>),
+    Server(Result<(u8, bytes::Bytes), crate::server::ServerError>),
+}
+
+/// A deadline far enough away to mean "none".
+fn far(at: Option<Instant>) -> Instant {
+    at.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365))
 }
 
 /// After a transaction in transaction mode: whether the client keeps its server connection.
