@@ -14,8 +14,7 @@ use std::time::Duration;
 use pgsluice::app::Proxy;
 use pgsluice::pool::Pool;
 use support::raw::Raw;
-use support::{cluster, connect, first_value, start_proxy, TestDb};
-use tokio_postgres::Client;
+use support::{cluster, connect, start_proxy, value, TestDb};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -29,11 +28,6 @@ fn pool(proxy: &Proxy) -> Arc<Pool> {
 
 fn pinned(proxy: &Proxy) -> u64 {
     pool(proxy).stats.pinned_clients.load(Ordering::Relaxed)
-}
-
-async fn value(c: &Client, sql: &str) -> String {
-    let res = tokio::time::timeout(LIMIT, c.simple_query(sql)).await.unwrap();
-    first_value(&res.unwrap_or_else(|e| panic!("{sql}: {e:?}"))).unwrap_or_default()
 }
 
 /// What of a session's state a client can see on the connection serving it.

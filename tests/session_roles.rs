@@ -8,22 +8,13 @@
 mod support;
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use pgsluice::app::Proxy;
-use support::{cluster, connect, first_value, sqlstate, start_proxy, TestDb};
-use tokio_postgres::Client;
-
-const LIMIT: Duration = Duration::from_secs(60);
+use support::{cluster, connect, sqlstate, start_proxy, value, TestDb};
 
 /// One server connection, so every client takes turns on it and any leftover shows.
 async fn one_connection(db: &TestDb) -> Proxy {
     start_proxy(&db.config("default_pool_size = 1", "auth = \"trust\"")).await
-}
-
-async fn value(c: &Client, sql: &str) -> String {
-    let res = tokio::time::timeout(LIMIT, c.simple_query(sql)).await.unwrap();
-    first_value(&res.unwrap_or_else(|e| panic!("{sql}: {e:?}"))).unwrap_or_default()
 }
 
 fn admin(sql: &str) {

@@ -187,6 +187,15 @@ pub fn first_value(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Option<String
     first_column(msgs).into_iter().next()
 }
 
+/// The first value a simple query returns ("" for none); panics, naming the query, if it
+/// fails or takes over a minute.
+pub async fn value(c: &tokio_postgres::Client, sql: &str) -> String {
+    let res = tokio::time::timeout(Duration::from_secs(60), c.simple_query(sql))
+        .await
+        .unwrap_or_else(|_| panic!("{sql}: no answer within 60 s"));
+    first_value(&res.unwrap_or_else(|e| panic!("{sql}: {e:?}"))).unwrap_or_default()
+}
+
 /// The SQLSTATE of a tokio-postgres error, if the server (or proxy) sent one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_string())
