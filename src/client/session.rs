@@ -3,9 +3,8 @@
 //! Failures inside a session are ERROR + ReadyForQuery, and the client stays connected
 //! whenever that is safe.
 
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -38,7 +37,10 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), Gone> {
     let mut pinned = Pinned::default();
     let result = serve(io, &mut s, &mut pinned).await;
-    if let Some(server) = pinned.server.take() {
+    // The client is gone: no longer counted as pinned, whatever its connection's reset takes.
+    let Pinned { server, counted } = pinned;
+    drop(counted);
+    if let Some(server) = server {
         finish_pinned(server, &s.view.pins).await;
     }
     result
@@ -50,6 +52,17 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
 struct Pinned {
     server: Option<Pooled>,
     counted: Option<PinTicket>,
+}
+
+impl Pinned {
+    /// Keeps the pool's gauge of pinned clients right: counted while `pinned`.
+    fn count(&mut self, pool: &Arc<Pool>, pinned: bool) {
+        if !pinned {
+            self.counted = None;
+        } else if self.counted.is_none() {
+            self.counted = Some(PinTicket::new(pool));
+        }
+    }
 }
 
 /// One pinned client in its pool's `pinned_clients` gauge, for as long as it lives.
@@ -99,44 +112,38 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                 Err(e) => return fatal(io, ClientError::Protocol(e)).await,
                 Ok(Some(h)) => break h.tag,
                 Ok(None) => {
-                    let waited = match pinned.server.as_mut() {
-                        None => Idle::Client(tokio::time::timeout_at(far(idle_until), io.fill()).await),
+                    let woke = match pinned.server.as_mut() {
+                        // The usual case: only the client can end the wait.
+                        None => match idle_until {
+                            None => Woke::Client(io.fill().await),
+                            Some(at) => tokio::time::timeout_at(at, io.fill())
+                                .await
+                                .map_or(Woke::IdleTimeout, Woke::Client),
+                        },
                         // A pinned client's server may speak while the client is idle:
                         // notifications of its LISTENs, notices, or its end.
                         Some(server) => tokio::select! {
-                            r = tokio::time::timeout_at(far(idle_until), io.fill()) => Idle::Client(r),
-                            m = server.read_message() => Idle::Server(m),
+                            r = io.fill() => Woke::Client(r),
+                            () = until(idle_until) => Woke::IdleTimeout,
+                            m = server.read_message() => Woke::Server(m),
                         },
                     };
-                    match waited {
-                        Idle::Client(Ok(r)) => r?,
-                        Idle::Client(Err(_)) => {
+                    match woke {
+                        Woke::Client(r) => r?,
+                        Woke::IdleTimeout => {
                             PoolStats::bump(&s.pool.stats.client_idle_timeouts);
                             let limit = limits.client_idle_timeout.unwrap_or_default();
                             return fatal(io, ClientError::IdleTimeout(limit)).await;
                         }
-                        Idle::Server(Ok((tag, body))) if matches!(tag, b'A' | b'N' | b'S') => {
-                            crate::proto::frame::write_message(&mut io.out, tag, |o| {
-                                o.extend_from_slice(&body)
-                            });
-                            io.flush().await?;
-                        }
-                        Idle::Server(other) => {
-                            let why = match other {
-                                Ok((b'E', body)) => {
-                                    PgError::parse(&body).map_or_else(|e| e.to_string(), |e| e.to_string())
+                        Woke::Server(m) => {
+                            if let Err(why) = pass_on_idle_message(io, m).await? {
+                                tracing::warn!(pool = %s.pool.key, error = %why, "a pinned client's server connection ended");
+                                if let Some(server) = pinned.server.take() {
+                                    server.failed(None);
                                 }
-                                Ok((tag, _)) => {
-                                    format!("unexpected message {:?} from an idle backend", char::from(tag))
-                                }
-                                Err(e) => e.to_string(),
-                            };
-                            tracing::warn!(pool = %s.pool.key, error = %why, "a pinned client's server connection ended");
-                            if let Some(server) = pinned.server.take() {
-                                server.failed(None);
+                                return fatal(io, ClientError::PinnedServerLost(s.view.pins.describe()))
+                                    .await;
                             }
-                            pinned.counted = None;
-                            return fatal(io, ClientError::PinnedServerLost(s.view.pins.describe())).await;
                         }
                     }
                 }
@@ -186,16 +193,16 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
         match outcome {
             Outcome::Released => {
                 let was_pinned = s.view.pins.pinned();
-                match settle_pins(&mut server, &mut s.view).await {
+                let settled = settle_pins(&mut server, &mut s.view).await;
+                pinned.count(&s.pool, matches!(settled, Ok(true)));
+                match settled {
                     Ok(true) => {
                         if !was_pinned {
                             tracing::debug!(pool = %s.pool.key, state = %s.view.pins.describe(), "client pinned to its server connection");
                         }
-                        pinned.counted.get_or_insert_with(|| PinTicket::new(&s.pool));
                         pinned.server = Some(server);
                     }
                     Ok(false) => {
-                        pinned.counted = None;
                         if was_pinned {
                             tracing::debug!(pool = %s.pool.key, "client unpinned");
                         }
@@ -204,7 +211,6 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                     Err(why) => {
                         tracing::warn!(pool = %s.pool.key, error = %why, "server connection lost after a transaction");
                         server.failed(None);
-                        pinned.counted = None;
                         if was_pinned || s.view.pins.pinned() {
                             return fatal(io, ClientError::PinnedServerLost(s.view.pins.describe())).await;
                         }
@@ -213,11 +219,8 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                 io.flush().await?;
             }
             Outcome::ClientGone { server_clean } => {
-                if server_clean && mode == Mode::Transaction && s.view.pins.needs_reset() {
-                    finish_pinned(server, &s.view.pins).await;
-                } else {
-                    finish_server(server, server_clean, mode).await;
-                }
+                pinned.counted = None;
+                finish_server(server, server_clean, mode, &s.view.pins).await;
                 return Ok(());
             }
             Outcome::ClientProtocol(e) => {
@@ -240,11 +243,8 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                 PoolStats::bump(&s.pool.stats.client_idle_timeouts);
                 let limit = limits.client_idle_timeout.unwrap_or_default();
                 let told = fatal_within(io, ClientError::IdleTimeout(limit)).await;
-                if server_clean && mode == Mode::Transaction && s.view.pins.needs_reset() {
-                    finish_pinned(server, &s.view.pins).await;
-                } else {
-                    finish_server(server, server_clean, mode).await;
-                }
+                pinned.counted = None;
+                finish_server(server, server_clean, mode, &s.view.pins).await;
                 return told;
             }
             Outcome::ServerGone {
@@ -278,7 +278,6 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                     // Its session state (temporary tables, locks, ...) went with the
                     // connection: as PostgreSQL, the client loses its session.
                     skip_bytes(io, client_skip).await?;
-                    pinned.counted = None;
                     return fatal(io, ClientError::PinnedServerLost(s.view.pins.describe())).await;
                 }
                 skip_bytes(io, client_skip).await?;
@@ -456,11 +455,16 @@ fn collect_counters(pool: &Pool, view: &mut SessionView) {
 }
 
 /// Returns or closes the server connection of a client that left.
-async fn finish_server(server: Pooled, clean: bool, mode: Mode) {
+async fn finish_server(server: Pooled, clean: bool, mode: Mode, pins: &Pins) {
     if !clean {
         // Mid-transaction or mid-COPY: its state is unknown, never reuse it.
         server.discard();
         return;
+    }
+    if mode == Mode::Transaction && pins.needs_reset() {
+        // The client may have left session state on it (it was pinned, or its last
+        // transaction may have created some).
+        return finish_pinned(server, pins).await;
     }
     if mode == Mode::Session && !server.pool().reset_query.is_empty() {
         let sql = server.pool().reset_query.clone();
@@ -469,16 +473,38 @@ async fn finish_server(server: Pooled, clean: bool, mode: Mode) {
     server.release();
 }
 
-/// What ended an idle wait: the client's bytes (or its idle timeout), or a pinned server's
-/// message.
-enum Idle {
-    Client(Result<Result<(), Gone>, tokio::time::error::Elapsed>),
+/// What ended an idle wait.
+enum Woke {
+    /// The client's bytes arrived (or it left).
+    Client(Result<(), Gone>),
+    /// `client_idle_timeout` passed.
+    IdleTimeout,
+    /// A pinned client's server connection sent something (or failed).
     Server(Result<(u8, bytes::Bytes), crate::server::ServerError>),
 }
 
-/// A deadline far enough away to mean "none".
-fn far(at: Option<Instant>) -> Instant {
-    at.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365))
+/// Passes what an idle pinned server connection sent on to the client: a notification, a
+/// notice or a parameter report. Anything else (its FATAL, its end) means the connection is
+/// gone: `Err` with why.
+async fn pass_on_idle_message<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    m: Result<(u8, bytes::Bytes), crate::server::ServerError>,
+) -> Result<Result<(), String>, Gone> {
+    match m {
+        Ok((tag @ (b'A' | b'N' | b'S'), body)) => {
+            crate::proto::frame::write_message(&mut io.out, tag, |o| o.extend_from_slice(&body));
+            io.flush().await?;
+            Ok(Ok(()))
+        }
+        Ok((b'E', body)) => Ok(Err(
+            PgError::parse(&body).map_or_else(|e| e.to_string(), |e| e.to_string())
+        )),
+        Ok((tag, _)) => Ok(Err(format!(
+            "unexpected message {:?} from an idle backend",
+            char::from(tag)
+        ))),
+        Err(e) => Ok(Err(e.to_string())),
+    }
 }
 
 /// After a transaction in transaction mode: whether the client keeps its server connection.

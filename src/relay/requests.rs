@@ -247,6 +247,10 @@ fn extended(
             let portal_unnamed = portal.is_empty();
             if stmt_name.is_empty() {
                 view.pins.note(view.unnamed_effects);
+            } else if flags.track && !track {
+                // A named statement the proxy does not map (`max_prepared_statements = 0`): its
+                // text was not read, so it may create state.
+                view.pins.note(Effects::STATE);
             }
             if stmt_name.is_empty() || !track {
                 if portal_unnamed {
