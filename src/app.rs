@@ -35,6 +35,7 @@ impl Proxy {
         let ctx = Arc::new(ClientContext {
             pools: pools.clone(),
             cancels: Arc::new(CancelRegistry::default()),
+            listeners: Arc::new(crate::notify::Listeners::new(pools.clone())),
             proxy_secret,
         });
         let clients = Arc::new(ClientCount::default());

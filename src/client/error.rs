@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::config::duration::fmt_duration;
+use crate::notify::ListenError;
 use crate::pool::CheckoutError;
 use crate::proto::backend::{PgError, Severity};
 use crate::proto::sqlstate as code;
@@ -93,6 +94,12 @@ pub enum ClientError {
     /// The server connection broke while serving this client, with nothing sent by the backend.
     #[error("server connection lost")]
     ServerLost,
+    /// A LISTEN failed.
+    #[error("{0}")]
+    Listen(#[from] crate::notify::ListenError),
+    /// The client's undelivered notifications passed the cap.
+    #[error("terminating connection: more than {} bytes of notifications waited for this client (it does not read them)", .0)]
+    NotificationsOverflow(usize),
     /// A request inside a transaction block that was lost with its server connection.
     #[error("current transaction is aborted, commands ignored until end of transaction block (its server connection was lost)")]
     TransactionAborted,
@@ -172,6 +179,13 @@ impl ClientError {
                 PgError::new(severity, code::CONNECTION_FAILURE, msg)
             }
             ClientError::TransactionAborted => PgError::new(severity, code::IN_FAILED_SQL_TRANSACTION, msg),
+            ClientError::Listen(ListenError::TooManyChannels(_)) | ClientError::NotificationsOverflow(_) => {
+                PgError::new(severity, code::PROGRAM_LIMIT_EXCEEDED, msg)
+            }
+            ClientError::Listen(ListenError::Refused(e)) => e.clone().with_severity(severity),
+            ClientError::Listen(ListenError::HubGone) => {
+                PgError::new(severity, code::CONNECTION_FAILURE, msg)
+            }
         }
     }
 }

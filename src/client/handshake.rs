@@ -29,6 +29,8 @@ pub struct LoggedIn {
     pub view: SessionView,
     /// Its cancel key registration.
     pub cancel: CancelHandle,
+    /// The notification hubs, for its LISTENs in transaction mode.
+    pub listeners: Arc<crate::notify::Listeners>,
     /// Its place under the tenant's and the user's `max_client_conn`, held while connected.
     pub _tickets: [Ticket; 2],
 }
@@ -253,6 +255,7 @@ async fn login<C: AsyncRead + AsyncWrite + Unpin>(
         view: SessionView::new(startup, pool.plans.clone()),
         pool,
         cancel,
+        listeners: ctx.listeners.clone(),
         _tickets: [tenant_ticket, user_ticket],
     }))))
 }

@@ -26,6 +26,8 @@ pub struct ClientContext {
     pub pools: Arc<Pools>,
     /// Proxy-issued cancel keys.
     pub cancels: Arc<CancelRegistry>,
+    /// The notification hubs (LISTEN in transaction mode).
+    pub listeners: Arc<crate::notify::Listeners>,
     /// Random per process; makes unknown users' fake SCRAM salts unpredictable.
     pub proxy_secret: [u8; 32],
 }

@@ -16,9 +16,11 @@ use super::restore;
 use super::ClientError;
 use crate::config::duration::fmt_duration;
 use crate::config::PoolMode;
+use crate::notify::{Delivery, Subscription};
 use crate::pool::{Pool, PoolStats, Pooled};
 use crate::proto::backend::{self, PgError, Severity};
-use crate::proto::frame::parse_header;
+use crate::proto::frame::{parse_header, HEADER_LEN};
+use crate::proto::sql::{listen_command, ListenCommand};
 use crate::relay::pins::{parse_probe, Pins, PROBE_QUERY};
 use crate::relay::{relay, ClientIo, Mode, Outcome, SessionView, Timers};
 use crate::sync::until;
@@ -36,7 +38,9 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
     mut s: LoggedIn,
 ) -> Result<(), Gone> {
     let mut pinned = Pinned::default();
-    let result = serve(io, &mut s, &mut pinned).await;
+    let mut listen = None;
+    let result = serve(io, &mut s, &mut pinned, &mut listen).await;
+    drop(listen);
     // The client is gone: no longer counted as pinned, whatever its connection's reset takes.
     let Pinned { server, counted } = pinned;
     drop(counted);
@@ -89,6 +93,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<C>,
     s: &mut LoggedIn,
     pinned: &mut Pinned,
+    listen: &mut Option<Subscription>,
 ) -> Result<(), Gone> {
     let mode = match s.pool.settings.pool_mode {
         PoolMode::Transaction => Mode::Transaction,
@@ -112,21 +117,36 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                 Err(e) => return fatal(io, ClientError::Protocol(e)).await,
                 Ok(Some(h)) => break h.tag,
                 Ok(None) => {
-                    let woke = match pinned.server.as_mut() {
+                    let woke = if pinned.server.is_none() && listen.is_none() {
                         // The usual case: only the client can end the wait.
-                        None => match idle_until {
+                        match idle_until {
                             None => Woke::Client(io.fill().await),
                             Some(at) => tokio::time::timeout_at(at, io.fill())
                                 .await
                                 .map_or(Woke::IdleTimeout, Woke::Client),
-                        },
-                        // A pinned client's server may speak while the client is idle:
-                        // notifications of its LISTENs, notices, or its end.
-                        Some(server) => tokio::select! {
-                            r = io.fill() => Woke::Client(r),
-                            () = until(idle_until) => Woke::IdleTimeout,
-                            m = server.read_message() => Woke::Server(m),
-                        },
+                        }
+                    } else {
+                        // A pinned client's server may speak while the client is idle
+                        // (notices, its end), and notifications of its LISTENs arrive.
+                        let take = io.out.len() < NOTIFY_OUT_MARK
+                            || listen.as_ref().is_some_and(Subscription::overflowed);
+                        let server = pinned.server.as_mut();
+                        let sub = listen.as_mut().filter(|_| take);
+                        if io.out.is_empty() {
+                            tokio::select! {
+                                r = io.fill() => Woke::Client(r),
+                                () = until(idle_until) => Woke::IdleTimeout,
+                                m = pinned_message(server) => Woke::Server(m),
+                                d = next_delivery(sub) => Woke::Notification(d),
+                            }
+                        } else {
+                            tokio::select! {
+                                r = io.flush() => Woke::Client(r),
+                                () = until(idle_until) => Woke::IdleTimeout,
+                                m = pinned_message(server) => Woke::Server(m),
+                                d = next_delivery(sub) => Woke::Notification(d),
+                            }
+                        }
                     };
                     match woke {
                         Woke::Client(r) => r?,
@@ -134,6 +154,11 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                             PoolStats::bump(&s.pool.stats.client_idle_timeouts);
                             let limit = limits.client_idle_timeout.unwrap_or_default();
                             return fatal(io, ClientError::IdleTimeout(limit)).await;
+                        }
+                        Woke::Notification(d) => {
+                            if !take_delivery(io, listen, d) {
+                                return fatal_within(io, overflowed()).await;
+                            }
                         }
                         Woke::Server(m) => {
                             if let Err(why) = pass_on_idle_message(io, m).await? {
@@ -156,6 +181,12 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
             // COPY messages after a failed COPY: the backend ignores them, and so do we.
             discard_message(io).await?;
             continue;
+        }
+        if tag == b'Q' && mode == Mode::Transaction && pinned.server.is_none() {
+            if let Some(cmd) = take_listen_command(io).await? {
+                answer_listen(io, s, listen, cmd).await?;
+                continue;
+            }
         }
         if s.view.lost_block {
             // The transaction died with its server connection: answer until the client ends
@@ -214,6 +245,18 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                         if was_pinned || s.view.pins.pinned() {
                             return fatal(io, ClientError::PinnedServerLost(s.view.pins.describe())).await;
                         }
+                    }
+                }
+                if std::mem::take(&mut s.view.discarded_all) {
+                    *listen = None;
+                }
+                // Notifications that waited go out right after the ReadyForQuery.
+                while io.out.len() < NOTIFY_OUT_MARK {
+                    let Some(d) = listen.as_mut().and_then(Subscription::try_next) else {
+                        break;
+                    };
+                    if !take_delivery(io, listen, d) {
+                        return fatal_within(io, overflowed()).await;
                     }
                 }
                 io.flush().await?;
@@ -481,6 +524,140 @@ enum Woke {
     IdleTimeout,
     /// A pinned client's server connection sent something (or failed).
     Server(Result<(u8, bytes::Bytes), crate::server::ServerError>),
+    /// A notification for the client's LISTENs (or the end of its subscription).
+    Notification(Delivery),
+}
+
+/// Notifications are taken from the hub's queue only while less than this waits to be written
+/// to the client; one that does not read is closed when its queue overflows.
+const NOTIFY_OUT_MARK: usize = 64 * 1024;
+
+/// The next message of a pinned client's idle server connection (never, with none).
+async fn pinned_message(
+    server: Option<&mut Pooled>,
+) -> Result<(u8, bytes::Bytes), crate::server::ServerError> {
+    match server {
+        Some(s) => s.read_message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next delivery of the client's subscription (never, with none).
+async fn next_delivery(sub: Option<&mut Subscription>) -> Delivery {
+    match sub {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes a delivered notification to the client's output; `false` when the client must be
+/// closed (its queue overflowed).
+fn take_delivery<C>(io: &mut ClientIo<C>, listen: &mut Option<Subscription>, d: Delivery) -> bool {
+    match d {
+        Delivery::Notification(body) => {
+            crate::proto::frame::write_message(&mut io.out, b'A', |o| o.extend_from_slice(&body));
+            true
+        }
+        Delivery::Overflowed => false,
+        Delivery::HubGone => {
+            *listen = None;
+            true
+        }
+    }
+}
+
+/// The error that closes a client whose notification queue overflowed.
+fn overflowed() -> ClientError {
+    ClientError::NotificationsOverflow(crate::notify::MAX_QUEUED_BYTES)
+}
+
+/// Longest simple query looked at for LISTEN / UNLISTEN before a transaction.
+const LISTEN_TEXT_LIMIT: usize = 1024;
+
+/// Takes the client's next message if it is a simple-query `LISTEN` / `UNLISTEN` the hub
+/// serves (the message is then consumed); anything else is left for the relay.
+async fn take_listen_command<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+) -> Result<Option<ListenCommand>, Gone> {
+    let total = match parse_header(&io.inbuf, io.max_body) {
+        Ok(Some(h)) if h.body_len <= LISTEN_TEXT_LIMIT => h.total_len(),
+        _ => return Ok(None),
+    };
+    // Most queries are decided from their first bytes.
+    let head = io
+        .inbuf
+        .get(HEADER_LEN..io.inbuf.len().min(total))
+        .unwrap_or_default();
+    if !may_be_listen(head) {
+        return Ok(None);
+    }
+    while io.inbuf.len() < total {
+        io.fill().await?;
+    }
+    let text = io
+        .inbuf
+        .get(HEADER_LEN..total - 1)
+        .and_then(|t| std::str::from_utf8(t).ok());
+    let cmd = text.and_then(listen_command);
+    if cmd.is_some() {
+        bytes::Buf::advance(&mut io.inbuf, total);
+    }
+    Ok(cmd)
+}
+
+/// Whether a query text starting with `head` may be a LISTEN or UNLISTEN (comments first, or
+/// too little read yet, count as maybe).
+fn may_be_listen(head: &[u8]) -> bool {
+    let start = head
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(head.len());
+    let rest = head.get(start..).unwrap_or_default();
+    let first = rest.first().map(u8::to_ascii_lowercase);
+    match first {
+        None | Some(b'-' | b'/' | b'l' | b'u') => true,
+        Some(_) => false,
+    }
+}
+
+/// Serves a client's LISTEN / UNLISTEN through its database's hub and answers it.
+async fn answer_listen<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    s: &mut LoggedIn,
+    listen: &mut Option<Subscription>,
+    cmd: ListenCommand,
+) -> Result<(), Gone> {
+    let done = match cmd {
+        ListenCommand::Listen(channel) => {
+            if listen.is_none() {
+                *listen = s.listeners.subscribe(&s.pool);
+            }
+            match listen.as_mut() {
+                Some(sub) => sub.listen(channel).await.map(|()| "LISTEN"),
+                None => Err(crate::notify::ListenError::HubGone),
+            }
+        }
+        ListenCommand::Unlisten(channel) => {
+            if let Some(sub) = listen.as_mut() {
+                sub.unlisten(channel.as_deref());
+            }
+            Ok("UNLISTEN")
+        }
+    };
+    match done {
+        Ok(tag) => backend::command_complete(&mut io.out, tag),
+        Err(e) => {
+            tracing::info!(pool = %s.pool.key, error = %e, "LISTEN failed");
+            ClientError::from(e)
+                .to_pg_error(Severity::Error)
+                .write_error(&mut io.out);
+        }
+    }
+    if listen.as_ref().is_some_and(|l| !l.listening()) {
+        *listen = None;
+    }
+    backend::ready_for_query(&mut io.out, b'I');
+    io.flush().await
 }
 
 /// Passes what an idle pinned server connection sent on to the client: a notification, a

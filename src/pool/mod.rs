@@ -93,7 +93,18 @@ impl Pool {
         slots: Arc<DbSlots>,
         tenant: Arc<TenantState>,
     ) -> Pool {
-        let settings = config.pool_settings(db, user);
+        Pool::with_settings(config, db, user, slots, tenant, config.pool_settings(db, user))
+    }
+
+    /// `new` with the given settings instead of the config's.
+    fn with_settings(
+        config: &Config,
+        db: &Database,
+        user: &User,
+        slots: Arc<DbSlots>,
+        tenant: Arc<TenantState>,
+        settings: PoolSettings,
+    ) -> Pool {
         let tenant_name: Arc<str> = Arc::from(user.tenant.name.as_str());
         let idx = slots.add_pool(&user.tenant, tenant, &settings);
         let (server_user, creds) = match (&db.server_credentials, &user.server_password) {
@@ -407,6 +418,25 @@ impl Pools {
         tokio::spawn(maintenance::run(Arc::downgrade(&pool)));
         pools.insert(key, pool.clone());
         pool
+    }
+
+    /// A pool of one server connection for (db, user), outside the registry, for a
+    /// connection the proxy keeps for itself (the notification hub's listener): it takes a
+    /// slot of `db` like any pool, counted against `max_db_connections` and the tenant's
+    /// share, but never one of the (db, user) pool's own `pool_size`.
+    /// It logs in as `like` does (its configured password, or the SCRAM keys it learned from
+    /// a client).
+    pub fn dedicated(&self, db: &Database, user: &User, like: &Pool) -> Arc<Pool> {
+        let mut settings = self.config.pool_settings(db, user);
+        settings.pool_size = 1;
+        settings.min_pool_size = 0;
+        settings.reserve_pool_size = 0;
+        settings.pool_mode = crate::config::PoolMode::Session;
+        let slots = self.database(db);
+        let tenant = self.tenant(&user.tenant);
+        let pool = Pool::with_settings(&self.config, db, user, slots, tenant, settings);
+        *lock(&pool.learned_creds) = lock(&like.learned_creds).clone();
+        Arc::new(pool)
     }
 
     /// The slots of database `db`, created if needed.

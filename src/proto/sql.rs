@@ -132,6 +132,58 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
     }
 }
 
+/// `LISTEN channel`, `UNLISTEN channel` or `UNLISTEN *`, alone in a query text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenCommand {
+    /// `LISTEN channel`: the channel name as the backend sees it (folded, truncated).
+    Listen(String),
+    /// `UNLISTEN channel`, or `UNLISTEN *` when `None`.
+    Unlisten(Option<String>),
+}
+
+/// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1); longer ones are truncated.
+const MAX_IDENTIFIER: usize = 63;
+
+/// Recognises one `LISTEN` / `UNLISTEN` statement; `None` for anything else (including several
+/// statements). Cheap for other texts: decided from the first word.
+pub fn listen_command(sql: &str) -> Option<ListenCommand> {
+    let (first, _) = split_word(skip_comments(sql)?);
+    let listen = if first.eq_ignore_ascii_case("listen") {
+        true
+    } else if first.eq_ignore_ascii_case("unlisten") {
+        false
+    } else {
+        return None;
+    };
+    let stmt = single_statement(sql)?;
+    let mut w = Words::new(stmt);
+    w.keyword()?;
+    if !listen && w.rest().trim() == "*" {
+        return Some(ListenCommand::Unlisten(None));
+    }
+    let channel = w.channel()?;
+    if !w.rest().trim().is_empty() {
+        return None;
+    }
+    Some(if listen {
+        ListenCommand::Listen(channel)
+    } else {
+        ListenCommand::Unlisten(Some(channel))
+    })
+}
+
+/// `name` cut to what PostgreSQL keeps of an identifier: 63 bytes, on a character boundary.
+fn truncate_identifier(mut name: String) -> String {
+    if name.len() > MAX_IDENTIFIER {
+        let mut end = MAX_IDENTIFIER;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    name
+}
+
 /// The setting behind `SET SESSION AUTHORIZATION`; changing it also resets `role`.
 pub const SESSION_AUTHORIZATION: &str = "session_authorization";
 /// The setting behind `SET ROLE`.
@@ -265,6 +317,26 @@ impl<'a> Words<'a> {
         (!w.is_empty()).then(|| (w.to_ascii_lowercase(), false))
     }
 
+    /// A channel name: a "quoted" identifier, or an unquoted one (letters, digits, `_`, `$`;
+    /// not starting with a digit or `$`), lowercased; truncated as the backend does.
+    fn channel(&mut self) -> Option<String> {
+        let s = self.rest.trim_start();
+        if s.starts_with('"') {
+            let (name, _) = self.ident_quoted()?;
+            return (!name.is_empty()).then(|| truncate_identifier(name));
+        }
+        let first = s.chars().next()?;
+        if !(first.is_alphabetic() || first == '_') {
+            return None;
+        }
+        let end = s
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+            .unwrap_or(s.len());
+        let (w, rest) = s.split_at(end);
+        self.rest = rest;
+        Some(truncate_identifier(w.to_ascii_lowercase()))
+    }
+
     fn rest(&self) -> &'a str {
         self.rest
     }
@@ -280,6 +352,49 @@ mod tests {
             name: name.into(),
             value: value.into(),
         })
+    }
+
+    #[test]
+    fn recognises_listen_statements() {
+        use super::ListenCommand::*;
+        assert_eq!(listen_command("LISTEN jobs"), Some(Listen("jobs".into())));
+        assert_eq!(
+            listen_command(" listen Jobs_2$ ;"),
+            Some(Listen("jobs_2$".into()))
+        );
+        assert_eq!(
+            listen_command("/* c */ LISTEN \"Mixed \"\"Case\"\"\""),
+            Some(Listen("Mixed \"Case\"".into()))
+        );
+        assert_eq!(
+            listen_command("unlisten jobs"),
+            Some(Unlisten(Some("jobs".into())))
+        );
+        assert_eq!(listen_command("UNLISTEN *"), Some(Unlisten(None)));
+        assert_eq!(listen_command("UNLISTEN \"*\""), Some(Unlisten(Some("*".into()))));
+        let long = "a".repeat(70);
+        assert_eq!(
+            listen_command(&format!("LISTEN {long}")),
+            Some(Listen("a".repeat(63)))
+        );
+        let wide = "é".repeat(40);
+        assert_eq!(
+            listen_command(&format!("LISTEN \"{wide}\"")),
+            Some(Listen("é".repeat(31)))
+        );
+        for not in [
+            "LISTEN",
+            "LISTEN *",
+            "LISTEN a b",
+            "LISTEN a; LISTEN b",
+            "LISTEN 1a",
+            "LISTEN \"\"",
+            "LISTENER x",
+            "select 1",
+            "LISTEN a.b",
+        ] {
+            assert_eq!(listen_command(not), None, "{not}");
+        }
     }
 
     #[test]

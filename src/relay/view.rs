@@ -45,6 +45,8 @@ pub struct SessionView {
     /// The backend's error that ended the block, not yet told to the client: the answer to
     /// its next request.
     pub lost_error: Option<crate::proto::backend::PgError>,
+    /// The client ran DISCARD ALL: its LISTENs through the proxy's hub end too.
+    pub discarded_all: bool,
     /// Session commands run inside the open transaction block: they take effect at COMMIT.
     pub(super) in_block: Vec<SessionCommand>,
     /// Whether a transaction block is open (from BEGIN/COMMIT/ROLLBACK tags and ReadyForQuery).
@@ -217,6 +219,7 @@ impl SessionView {
             SessionCommand::ResetAll => self.reset_all(server),
             SessionCommand::DiscardAll => {
                 self.pins.discarded();
+                self.discarded_all = true;
                 self.reset_all(server);
                 // DISCARD ALL also resets the session user, and with it the role.
                 server.applied.clear();
