@@ -18,6 +18,7 @@ use crate::pool::Pools;
 pub struct Proxy {
     addr: SocketAddr,
     pools: Arc<Pools>,
+    listeners: Arc<crate::notify::Listeners>,
     clients: Arc<ClientCount>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -32,10 +33,11 @@ impl Proxy {
         pools.prewarm();
         let mut proxy_secret = [0u8; 32];
         rand::fill(&mut proxy_secret);
+        let listeners = Arc::new(crate::notify::Listeners::new(pools.clone()));
         let ctx = Arc::new(ClientContext {
             pools: pools.clone(),
             cancels: Arc::new(CancelRegistry::default()),
-            listeners: Arc::new(crate::notify::Listeners::new(pools.clone())),
+            listeners: listeners.clone(),
             proxy_secret,
         });
         let clients = Arc::new(ClientCount::default());
@@ -45,6 +47,7 @@ impl Proxy {
         Ok(Proxy {
             addr,
             pools,
+            listeners,
             clients,
             stop,
             task,
@@ -88,11 +91,13 @@ impl Proxy {
         }
     }
 
-    /// Stops accepting and closes idle server connections. Connected clients keep running
+    /// Stops accepting and closes idle server connections (and each notification hub's
+    /// listener connection once its last subscriber left). Connected clients keep running
     /// until they leave.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        self.listeners.stop();
         for pool in self.pools.all() {
             pool.close_idle();
         }

@@ -351,3 +351,30 @@ async fn no_stale_idle_connection_after_a_restart() {
             .expect("no stale connection handed out");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_keep_listening_across_a_restart() {
+    let c = Arc::new(own_cluster());
+    let p = proxy_for(&c, "").await;
+    let (a, mut rx) = support::listener(&url(&p)).await;
+    a.simple_query("LISTEN jobs").await.unwrap();
+    let n = support::connect(&url(&p)).await;
+    n.simple_query("NOTIFY jobs, 'before'").await.unwrap();
+    assert_eq!(support::next_notification(&mut rx).await.1, "before");
+
+    let cc = c.clone();
+    blocking(move || cc.restart(StopMode::Fast).unwrap()).await;
+    // The proxy's listener connection logs in again and LISTENs anew; the client, which
+    // was idle, never noticed.
+    let listening = || {
+        c.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND query LIKE 'LISTEN%'",
+        )
+        .is_ok_and(|n| n == "1")
+    };
+    assert!(eventually(LIMIT, listening).await);
+    n.simple_query("NOTIFY jobs, 'after'").await.unwrap();
+    assert_eq!(support::next_notification(&mut rx).await.1, "after");
+    assert_eq!(support::value(&a, "select 1").await, "1");
+}

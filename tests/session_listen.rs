@@ -9,38 +9,16 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use pgsluice::app::Proxy;
 use support::raw::{query, Raw};
-use support::{cluster, connect, eventually, start_proxy, value, TestDb};
-use tokio::sync::mpsc::UnboundedReceiver;
+use support::{
+    cluster, connect, eventually, listener, next_notification as next, start_proxy, value, TestDb,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
 async fn proxy(db: &TestDb, pool_size: u32) -> Proxy {
     start_proxy(&db.config(&format!("default_pool_size = {pool_size}"), "auth = \"trust\"")).await
-}
-
-/// A client whose notifications (channel, payload) arrive on the receiver.
-async fn listener(url: &str) -> (tokio_postgres::Client, UnboundedReceiver<(String, String)>) {
-    let (c, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(Ok(m)) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = m {
-                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
-            }
-        }
-    });
-    (c, rx)
-}
-
-async fn next(rx: &mut UnboundedReceiver<(String, String)>) -> (String, String) {
-    tokio::time::timeout(LIMIT, rx.recv())
-        .await
-        .expect("no notification in time")
-        .expect("connection ended")
 }
 
 fn pair(channel: &str, payload: &str) -> (String, String) {

@@ -249,3 +249,34 @@ impl BackendSampler {
         max
     }
 }
+
+/// A client whose notifications (channel, payload) arrive on the receiver.
+pub async fn listener(
+    url: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    use futures_util::StreamExt;
+    let (c, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+        }
+    });
+    (c, rx)
+}
+
+/// The next notification of a `listener`, within a minute.
+pub async fn next_notification(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) -> (String, String) {
+    tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .expect("no notification in time")
+        .expect("connection ended")
+}
