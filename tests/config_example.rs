@@ -39,6 +39,7 @@ macro_rules! with_shared_keys {
     ($m:ident!($($pre:tt)*)) => {
         $m!($($pre)*
             pool_mode,
+            session_state,
             min_pool_size,
             reserve_pool_size,
             reserve_pool_timeout,

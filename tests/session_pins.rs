@@ -282,3 +282,75 @@ async fn a_pinned_listener_gets_notifications_while_idle() {
         "0"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_reject_refuses_what_would_pin() {
+    let db = TestDb::new("pin_reject");
+    let proxy = start_proxy(&db.config(
+        "default_pool_size = 1",
+        "auth = \"trust\"\nsession_state = \"reject\"",
+    ))
+    .await;
+    let url = db.url(&proxy);
+    let a = connect(&url).await;
+    let b = connect(&url).await;
+    for sql in [
+        "create temp table t (x int)",
+        "select pg_advisory_lock(42)",
+        "declare c cursor with hold for select 1",
+        "prepare q as select 1",
+        "select 1; set work_mem = '8MB'",
+    ] {
+        let e = a.simple_query(sql).await.unwrap_err();
+        assert_eq!(support::sqlstate(&e).as_deref(), Some("0A000"), "{sql}");
+        let db_error = e.as_db_error().unwrap();
+        assert!(
+            db_error.message().contains("session_state = reject"),
+            "{db_error:?}"
+        );
+        assert!(db_error.hint().unwrap().contains("session"), "{db_error:?}");
+    }
+    // Through the extended protocol too, and the client's next statement runs.
+    let e = a
+        .query("select pg_advisory_lock($1)", &[&1i64])
+        .await
+        .unwrap_err();
+    assert_eq!(support::sqlstate(&e).as_deref(), Some("0A000"));
+    // Inside a block, the refusal fails the block as any error would.
+    a.simple_query("begin").await.unwrap();
+    let e = a.simple_query("create temp table t (x int)").await.unwrap_err();
+    assert_eq!(support::sqlstate(&e).as_deref(), Some("0A000"));
+    let e = a.simple_query("select 1").await.unwrap_err();
+    assert_eq!(support::sqlstate(&e).as_deref(), Some("25P02"));
+    a.simple_query("rollback").await.unwrap();
+    // What carries or ends with the transaction still works: SET, xact locks, ON COMMIT
+    // DROP, and LISTEN through the proxy's hub.
+    a.simple_query("set work_mem = '8MB'").await.unwrap();
+    a.simple_query(
+        "begin; select pg_advisory_xact_lock(1); create temp table d (x int) on commit drop; commit",
+    )
+    .await
+    .unwrap();
+    a.simple_query("listen jobs").await.unwrap();
+    assert_eq!(value(&a, "show work_mem").await, "8MB");
+    assert_eq!(pinned(&proxy), 0);
+    assert_eq!(value(&b, STATE).await, CLEAN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_allow_leaves_state_on_the_pool_as_pgbouncer_does() {
+    let db = TestDb::new("pin_allow");
+    let proxy = start_proxy(&db.config(
+        "default_pool_size = 1\nsession_state = \"allow\"",
+        "auth = \"trust\"",
+    ))
+    .await;
+    let url = db.url(&proxy);
+    let a = connect(&url).await;
+    let b = connect(&url).await;
+    a.simple_query("select pg_advisory_lock(42)").await.unwrap();
+    assert_eq!(pinned(&proxy), 0);
+    // The one server connection of the pool now serves b, lock included: the unsafe
+    // behaviour this setting asks for.
+    assert_eq!(value(&b, STATE).await, "0 1 0 0 0");
+}

@@ -15,7 +15,7 @@ use super::io::Gone;
 use super::restore;
 use super::ClientError;
 use crate::config::duration::fmt_duration;
-use crate::config::PoolMode;
+use crate::config::{PoolMode, SessionState};
 use crate::notify::{Delivery, Subscription};
 use crate::pool::{Pool, PoolStats, Pooled};
 use crate::proto::backend::{self, PgError, Severity};
@@ -100,6 +100,11 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
         PoolMode::Session => Mode::Session,
     };
     let limits = s.pool.settings.clone();
+    match limits.session_state {
+        SessionState::Pin => {}
+        SessionState::Reject => s.view.reject_state = true,
+        SessionState::Allow => s.view.pins.allow_state(),
+    }
     // In transaction mode the client is idle here, between transactions; in session mode the
     // relay runs for the whole session and times its idleness itself.
     let mut timers = Timers::new(

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use model::{AuthMethod, PoolMode, RawConfig, RawShared};
+pub use model::{AuthMethod, PoolMode, RawConfig, RawShared, SessionState};
 
 use crate::auth::secret::{ScramVerifier, Secret};
 
@@ -138,6 +138,8 @@ pub struct PoolSettings {
     pub pool_size: u32,
     /// Transaction or session pooling.
     pub pool_mode: PoolMode,
+    /// Transaction mode: what becomes of statements that leave session state.
+    pub session_state: SessionState,
     /// Server connections kept open even when idle.
     pub min_pool_size: u32,
     /// Extra connections allowed once a client waited `reserve_pool_timeout`.
@@ -173,6 +175,7 @@ impl PoolSettings {
         PoolSettings {
             pool_size: d::DEFAULT_POOL_SIZE,
             pool_mode: d::POOL_MODE,
+            session_state: d::SESSION_STATE,
             min_pool_size: d::MIN_POOL_SIZE,
             reserve_pool_size: d::RESERVE_POOL_SIZE,
             reserve_pool_timeout: d::RESERVE_POOL_TIMEOUT,
@@ -202,6 +205,7 @@ impl PoolSettings {
         PoolSettings {
             pool_size: o.pool_size.unwrap_or(self.pool_size),
             pool_mode: o.pool_mode.unwrap_or(self.pool_mode),
+            session_state: o.session_state.unwrap_or(self.session_state),
             min_pool_size: o.min_pool_size.unwrap_or(self.min_pool_size),
             reserve_pool_size: o.reserve_pool_size.unwrap_or(self.reserve_pool_size),
             reserve_pool_timeout: o.reserve_pool_timeout.unwrap_or(self.reserve_pool_timeout),

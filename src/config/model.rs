@@ -20,6 +20,20 @@ pub enum PoolMode {
     Session,
 }
 
+/// What transaction mode does with a statement that leaves session state the proxy cannot
+/// carry to another server connection (temporary tables, session advisory locks, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// The client keeps its server connection until the state is gone.
+    Pin,
+    /// The statement is refused with 0A000.
+    Reject,
+    /// Nothing: the state stays on the pooled connection for whoever gets it next (PgBouncer's
+    /// behaviour; unsafe).
+    Allow,
+}
+
 /// How clients prove who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum AuthMethod {
@@ -46,6 +60,8 @@ macro_rules! scope_table {
             $($(#[$fmeta])* pub $field: $ty,)*
             /// Transaction or session pooling.
             pub pool_mode: Option<PoolMode>,
+            /// Transaction mode: pin, reject or allow statements that leave session state.
+            pub session_state: Option<SessionState>,
             /// Server connections kept open per pool even when idle (pre-warmed).
             pub min_pool_size: Option<u32>,
             /// Extra server connections a pool may open once a client has waited
@@ -94,6 +110,7 @@ macro_rules! scope_table {
                 RawShared {
                     pool_size: None,
                     pool_mode: self.pool_mode,
+                    session_state: self.session_state,
                     min_pool_size: self.min_pool_size,
                     reserve_pool_size: self.reserve_pool_size,
                     reserve_pool_timeout: self.reserve_pool_timeout,
@@ -119,6 +136,7 @@ macro_rules! scope_table {
 pub struct RawShared {
     pub pool_size: Option<u32>,
     pub pool_mode: Option<PoolMode>,
+    pub session_state: Option<SessionState>,
     pub min_pool_size: Option<u32>,
     pub reserve_pool_size: Option<u32>,
     pub reserve_pool_timeout: Option<Option<Duration>>,
@@ -241,10 +259,12 @@ pub struct RawUser {
 pub mod defaults {
     use std::time::Duration;
 
-    use super::{AuthMethod, PoolMode};
+    use super::{AuthMethod, PoolMode, SessionState};
 
     /// `pool_mode`
     pub const POOL_MODE: PoolMode = PoolMode::Transaction;
+    /// `session_state`
+    pub const SESSION_STATE: SessionState = SessionState::Pin;
     /// `auth_type`
     pub const AUTH_TYPE: AuthMethod = AuthMethod::ScramSha256;
     /// `databases.*.host`

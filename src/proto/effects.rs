@@ -35,6 +35,12 @@ impl Effects {
         self.0 & other.0 != 0
     }
 
+    /// Leaves session state behind (what pins a client, or what `session_state = "reject"`
+    /// refuses).
+    pub fn leaves_state(self) -> bool {
+        self.has(Effects::STATE | Effects::UNTRACKED | Effects::LOAD)
+    }
+
     /// Nothing found.
     pub fn is_none(self) -> bool {
         self.0 == 0

@@ -36,11 +36,21 @@ pub struct Pins {
     /// A library was loaded (`LOAD`): the connection is closed, not reused, when the client
     /// leaves.
     loaded: bool,
+    /// `session_state = "allow"`: nothing is noted, nothing pins.
+    allow: bool,
 }
 
 impl Pins {
+    /// `session_state = "allow"`: from now on nothing pins the client.
+    pub fn allow_state(&mut self) {
+        self.allow = true;
+    }
+
     /// A request's text may have these effects.
     pub fn note(&mut self, effects: Effects) {
+        if self.allow {
+            return;
+        }
         self.pending |= effects;
     }
 

@@ -111,7 +111,16 @@ pub fn handle(
             };
             let cmd = if flags.track {
                 let text = Reader::new(body).cstr("query")?;
-                view.pins.note(effects(text));
+                let fx = effects(text);
+                if view.reject_state && fx.leaves_state() {
+                    // The backend raises the refusal itself, so a transaction block fails
+                    // with it exactly as it would with any error.
+                    buf.advance(h.total_len());
+                    crate::proto::frontend::query(&mut server.wbuf, &reject_query());
+                    view.owe(Expect::Query(None));
+                    return Ok(Step::Done { stream: 0 });
+                }
+                view.pins.note(fx);
                 classify(&String::from_utf8_lossy(text))
             } else {
                 None
@@ -192,6 +201,12 @@ fn extended(
                     r.cstr("statement name")?;
                     let text = r.cstr("query")?;
                     view.unnamed_effects = effects(text);
+                    if view.reject_state && view.unnamed_effects.leaves_state() {
+                        view.unnamed_effects = Effects::NONE;
+                        view.unnamed_statement = None;
+                        buf.advance(h.total_len());
+                        return Ok(refuse(view, flags, state_refused()));
+                    }
                     view.unnamed_statement = classify(&String::from_utf8_lossy(text));
                 } else {
                     view.unnamed_statement = None;
@@ -229,6 +244,9 @@ fn extended(
             let cmd = classify(&String::from_utf8_lossy(query));
             let stmt = Arc::new(Statement::new(query, types, cmd, view.plans.current()));
             buf.advance(h.total_len());
+            if view.reject_state && stmt.effects.leaves_state() {
+                return Ok(refuse(view, flags, state_refused()));
+            }
             view.statements.insert(client_name.clone(), stmt.clone());
             match prepare_on(view, server, &stmt) {
                 None => view.owe(Expect::Synthetic(Synth::ParseComplete, vec![(client_name, None)])),
@@ -472,6 +490,24 @@ fn missing_statement(name: &str) -> PgError {
     sqlstate_error(
         sqlstate::INVALID_SQL_STATEMENT_NAME,
         format!("prepared statement \"{name}\" does not exist"),
+    )
+}
+
+/// Why `session_state = "reject"` refuses a statement.
+const STATE_REFUSED: &str = "this statement would leave session state (a temporary table, a session advisory lock, a WITH HOLD cursor, a prepared statement, a LISTEN or a setting pgsluice cannot carry) on a pooled server connection, which this transaction-mode pool refuses (session_state = reject)";
+/// The hint that goes with it.
+const STATE_REFUSED_HINT: &str = "use a session-mode pool (pool_mode = \"session\") for this client";
+
+/// The refusal of `session_state = "reject"`, as an error the proxy answers itself.
+fn state_refused() -> PgError {
+    sqlstate_error(sqlstate::FEATURE_NOT_SUPPORTED, STATE_REFUSED.to_string()).with_hint(STATE_REFUSED_HINT)
+}
+
+/// The refusal of `session_state = "reject"`, as a query that makes the backend raise it.
+fn reject_query() -> String {
+    format!(
+        "DO $pgsluice$BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = '{STATE_REFUSED}', HINT = '{}'; END$pgsluice$",
+        STATE_REFUSED_HINT.replace('\'', "''")
     )
 }
 

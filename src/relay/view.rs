@@ -47,6 +47,8 @@ pub struct SessionView {
     pub lost_error: Option<crate::proto::backend::PgError>,
     /// The client ran DISCARD ALL: its LISTENs through the proxy's hub end too.
     pub discarded_all: bool,
+    /// `session_state = "reject"`: statements that would leave session state are refused.
+    pub reject_state: bool,
     /// Session commands run inside the open transaction block: they take effect at COMMIT.
     pub(super) in_block: Vec<SessionCommand>,
     /// Whether a transaction block is open (from BEGIN/COMMIT/ROLLBACK tags and ReadyForQuery).
