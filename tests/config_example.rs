@@ -47,6 +47,7 @@ macro_rules! with_shared_keys {
             query_wait_notify,
             client_login_timeout,
             client_idle_timeout,
+            pinned_idle_timeout,
             idle_transaction_timeout,
             query_timeout,
             server_connect_timeout,

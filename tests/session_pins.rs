@@ -354,3 +354,29 @@ async fn session_state_allow_leaves_state_on_the_pool_as_pgbouncer_does() {
     // behaviour this setting asks for.
     assert_eq!(value(&b, STATE).await, "0 1 0 0 0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_client_idle_past_pinned_idle_timeout_is_closed() {
+    let db = TestDb::new("pin_idle");
+    let proxy = start_proxy(&db.config(
+        "default_pool_size = 1\npinned_idle_timeout = \"1s\"",
+        "auth = \"trust\"",
+    ))
+    .await;
+    let mut a = Raw::connect(proxy.addr()).await;
+    a.login_trust(&db.user, &db.user).await;
+    a.send(&support::raw::query("select pg_advisory_lock(5)")).await;
+    a.recv_until(b'Z').await;
+    // Idle and pinned: closed with 57P05 naming the limit and what it held.
+    let m = a.recv().await.expect("an error before the close");
+    assert_eq!(m.tag, b'E');
+    assert_eq!(m.code(), "57P05");
+    let message = m.field(b'M').unwrap();
+    assert!(message.contains("pinned_idle_timeout = 1s"), "{message}");
+    assert!(message.contains("advisory lock"), "{message}");
+    a.expect_closed().await;
+    // Its server connection went back to the pool reset.
+    let b = connect(&db.url(&proxy)).await;
+    assert_eq!(value(&b, STATE).await, CLEAN);
+    assert_eq!(pinned(&proxy), 0);
+}

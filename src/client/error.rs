@@ -68,6 +68,14 @@ pub enum ClientError {
     /// `client_idle_timeout` passed with the client idle.
     #[error("terminating connection due to idle-session timeout (client_idle_timeout = {})", fmt_duration(*.0))]
     IdleTimeout(Duration),
+    /// `pinned_idle_timeout` passed with a pinned client idle.
+    #[error("terminating connection due to idle-session timeout while holding a pinned server connection for its {state} (pinned_idle_timeout = {})", fmt_duration(*.limit))]
+    PinnedIdleTimeout {
+        /// The limit.
+        limit: Duration,
+        /// What the client held.
+        state: String,
+    },
     /// `idle_transaction_timeout` passed with the client idle inside a transaction.
     #[error("terminating connection due to idle-in-transaction timeout (idle_transaction_timeout = {})", fmt_duration(*.0))]
     IdleInTransaction(Duration),
@@ -142,7 +150,9 @@ impl ClientError {
             ClientError::WaitCanceled | ClientError::QueryTimeout(_) => {
                 PgError::new(severity, code::QUERY_CANCELED, msg)
             }
-            ClientError::IdleTimeout(_) => PgError::new(severity, code::IDLE_SESSION_TIMEOUT, msg),
+            ClientError::IdleTimeout(_) | ClientError::PinnedIdleTimeout { .. } => {
+                PgError::new(severity, code::IDLE_SESSION_TIMEOUT, msg)
+            }
             ClientError::IdleInTransaction(_) => {
                 PgError::new(severity, code::IDLE_IN_TRANSACTION_TIMEOUT, msg)
             }

@@ -117,6 +117,10 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
     loop {
         // Idle: wait for the start of the client's next request.
         let idle_until = limits.client_idle_timeout.map(|t| Instant::now() + t);
+        let pinned_until = limits
+            .pinned_idle_timeout
+            .filter(|_| pinned.server.is_some())
+            .map(|t| Instant::now() + t);
         let tag = loop {
             match parse_header(&io.inbuf, io.max_body) {
                 Err(e) => return fatal(io, ClientError::Protocol(e)).await,
@@ -141,6 +145,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                             tokio::select! {
                                 r = io.fill() => Woke::Client(r),
                                 () = until(idle_until) => Woke::IdleTimeout,
+                                () = until(pinned_until) => Woke::PinnedIdleTimeout,
                                 m = pinned_message(server) => Woke::Server(m),
                                 d = next_delivery(sub) => Woke::Notification(d),
                             }
@@ -148,6 +153,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                             tokio::select! {
                                 r = io.flush() => Woke::Client(r),
                                 () = until(idle_until) => Woke::IdleTimeout,
+                                () = until(pinned_until) => Woke::PinnedIdleTimeout,
                                 m = pinned_message(server) => Woke::Server(m),
                                 d = next_delivery(sub) => Woke::Notification(d),
                             }
@@ -159,6 +165,14 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                             PoolStats::bump(&s.pool.stats.client_idle_timeouts);
                             let limit = limits.client_idle_timeout.unwrap_or_default();
                             return fatal(io, ClientError::IdleTimeout(limit)).await;
+                        }
+                        Woke::PinnedIdleTimeout => {
+                            PoolStats::bump(&s.pool.stats.client_idle_timeouts);
+                            let e = ClientError::PinnedIdleTimeout {
+                                limit: limits.pinned_idle_timeout.unwrap_or_default(),
+                                state: s.view.pins.describe(),
+                            };
+                            return fatal_within(io, e).await;
                         }
                         Woke::Notification(d) => {
                             if !take_delivery(io, listen, d) {
@@ -527,6 +541,8 @@ enum Woke {
     Client(Result<(), Gone>),
     /// `client_idle_timeout` passed.
     IdleTimeout,
+    /// `pinned_idle_timeout` passed with the client pinned.
+    PinnedIdleTimeout,
     /// A pinned client's server connection sent something (or failed).
     Server(Result<(u8, bytes::Bytes), crate::server::ServerError>),
     /// A notification for the client's LISTENs (or the end of its subscription).

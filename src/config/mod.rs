@@ -154,6 +154,8 @@ pub struct PoolSettings {
     pub client_login_timeout: Option<Duration>,
     /// Idle client (outside a transaction) disconnected after this (57P05).
     pub client_idle_timeout: Option<Duration>,
+    /// A pinned client idle this long is disconnected (transaction mode).
+    pub pinned_idle_timeout: Option<Duration>,
     /// Client idle inside a transaction disconnected after this (25P03).
     pub idle_transaction_timeout: Option<Duration>,
     /// Query cancelled after this; its server connection closed if it does not stop.
@@ -183,6 +185,7 @@ impl PoolSettings {
             query_wait_notify: d::QUERY_WAIT_NOTIFY,
             client_login_timeout: d::CLIENT_LOGIN_TIMEOUT,
             client_idle_timeout: d::CLIENT_IDLE_TIMEOUT,
+            pinned_idle_timeout: d::PINNED_IDLE_TIMEOUT,
             idle_transaction_timeout: d::IDLE_TRANSACTION_TIMEOUT,
             query_timeout: d::QUERY_TIMEOUT,
             server_connect_timeout: d::SERVER_CONNECT_TIMEOUT,
@@ -213,6 +216,7 @@ impl PoolSettings {
             query_wait_notify: o.query_wait_notify.unwrap_or(self.query_wait_notify),
             client_login_timeout: o.client_login_timeout.unwrap_or(self.client_login_timeout),
             client_idle_timeout: o.client_idle_timeout.unwrap_or(self.client_idle_timeout),
+            pinned_idle_timeout: o.pinned_idle_timeout.unwrap_or(self.pinned_idle_timeout),
             idle_transaction_timeout: o
                 .idle_transaction_timeout
                 .unwrap_or(self.idle_transaction_timeout),

@@ -82,6 +82,9 @@ macro_rules! scope_table {
             /// A client idle (outside a transaction) this long is disconnected (57P05).
             #[serde(default, deserialize_with = "de_timeout")]
             pub client_idle_timeout: Option<Option<Duration>>,
+            /// A pinned client (transaction mode) idle this long is disconnected (57P05).
+            #[serde(default, deserialize_with = "de_timeout")]
+            pub pinned_idle_timeout: Option<Option<Duration>>,
             /// A client idle inside a transaction this long is disconnected (25P03).
             #[serde(default, deserialize_with = "de_timeout")]
             pub idle_transaction_timeout: Option<Option<Duration>>,
@@ -118,6 +121,7 @@ macro_rules! scope_table {
                     query_wait_notify: self.query_wait_notify,
                     client_login_timeout: self.client_login_timeout,
                     client_idle_timeout: self.client_idle_timeout,
+                    pinned_idle_timeout: self.pinned_idle_timeout,
                     idle_transaction_timeout: self.idle_transaction_timeout,
                     query_timeout: self.query_timeout,
                     server_connect_timeout: self.server_connect_timeout,
@@ -144,6 +148,7 @@ pub struct RawShared {
     pub query_wait_notify: Option<Option<Duration>>,
     pub client_login_timeout: Option<Option<Duration>>,
     pub client_idle_timeout: Option<Option<Duration>>,
+    pub pinned_idle_timeout: Option<Option<Duration>>,
     pub idle_transaction_timeout: Option<Option<Duration>>,
     pub query_timeout: Option<Option<Duration>>,
     pub server_connect_timeout: Option<Option<Duration>>,
@@ -301,6 +306,8 @@ pub mod defaults {
     pub const RESERVE_POOL_TIMEOUT: Option<Duration> = Some(Duration::from_secs(5));
     /// `query_wait_notify`
     pub const QUERY_WAIT_NOTIFY: Option<Duration> = Some(Duration::from_secs(5));
+    /// `pinned_idle_timeout`
+    pub const PINNED_IDLE_TIMEOUT: Option<Duration> = None;
     /// `client_idle_timeout`
     pub const CLIENT_IDLE_TIMEOUT: Option<Duration> = None;
     /// `idle_transaction_timeout`
