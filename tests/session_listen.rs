@@ -134,6 +134,19 @@ async fn unlisten_discard_and_disconnect_end_delivery() {
     n.simple_query("NOTIFY w, '7'").await.unwrap();
     assert_eq!(next(&mut rx).await, pair("w", "7"));
 
+    // An UNLISTEN inside a transaction block ends the subscription when the block commits,
+    // not when it rolls back.
+    a.simple_query("LISTEN v").await.unwrap();
+    for end in ["rollback", "commit"] {
+        a.simple_query("begin").await.unwrap();
+        a.simple_query("unlisten w").await.unwrap();
+        a.simple_query(end).await.unwrap();
+    }
+    n.simple_query("NOTIFY w, '7b'").await.unwrap();
+    n.simple_query("NOTIFY v, '7c'").await.unwrap();
+    assert_eq!(next(&mut rx).await, pair("v", "7c"));
+    a.simple_query("LISTEN w").await.unwrap();
+
     // b disconnects abruptly; a still gets its notifications, and nothing is left over.
     drop(b);
     n.simple_query("NOTIFY x, '8'").await.unwrap();

@@ -15,7 +15,7 @@ use super::io::Gone;
 use super::restore;
 use super::ClientError;
 use crate::config::duration::fmt_duration;
-use crate::config::{PoolMode, SessionState};
+use crate::config::PoolMode;
 use crate::notify::{Delivery, Subscription};
 use crate::pool::{Pool, PoolStats, Pooled};
 use crate::proto::backend::{self, PgError, Severity};
@@ -100,11 +100,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
         PoolMode::Session => Mode::Session,
     };
     let limits = s.pool.settings.clone();
-    match limits.session_state {
-        SessionState::Pin => {}
-        SessionState::Reject => s.view.reject_state = true,
-        SessionState::Allow => s.view.pins.allow_state(),
-    }
+    s.view.pins.set_policy(limits.session_state);
     // In transaction mode the client is idle here, between transactions; in session mode the
     // relay runs for the whole session and times its idleness itself.
     let mut timers = Timers::new(
@@ -141,22 +137,12 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                             || listen.as_ref().is_some_and(Subscription::overflowed);
                         let server = pinned.server.as_mut();
                         let sub = listen.as_mut().filter(|_| take);
-                        if io.out.is_empty() {
-                            tokio::select! {
-                                r = io.fill() => Woke::Client(r),
-                                () = until(idle_until) => Woke::IdleTimeout,
-                                () = until(pinned_until) => Woke::PinnedIdleTimeout,
-                                m = pinned_message(server) => Woke::Server(m),
-                                d = next_delivery(sub) => Woke::Notification(d),
-                            }
-                        } else {
-                            tokio::select! {
-                                r = io.flush() => Woke::Client(r),
-                                () = until(idle_until) => Woke::IdleTimeout,
-                                () = until(pinned_until) => Woke::PinnedIdleTimeout,
-                                m = pinned_message(server) => Woke::Server(m),
-                                d = next_delivery(sub) => Woke::Notification(d),
-                            }
+                        tokio::select! {
+                            r = read_or_flush(io) => Woke::Client(r),
+                            () = until(idle_until) => Woke::IdleTimeout,
+                            () = until(pinned_until) => Woke::PinnedIdleTimeout,
+                            m = pinned_message(server) => Woke::Server(m),
+                            d = next_delivery(sub) => Woke::Notification(d),
                         }
                     };
                     match woke {
@@ -201,17 +187,17 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
             discard_message(io).await?;
             continue;
         }
-        if tag == b'Q' && mode == Mode::Transaction && pinned.server.is_none() {
-            if let Some(cmd) = take_listen_command(io).await? {
-                answer_listen(io, s, listen, cmd).await?;
-                continue;
-            }
-        }
         if s.view.lost_block {
             // The transaction died with its server connection: answer until the client ends
             // it, so nothing it sends meanwhile runs in autocommit by accident.
             answer_lost_block(io, &mut s.view).await?;
             continue;
+        }
+        if tag == b'Q' && mode == Mode::Transaction && pinned.server.is_none() {
+            if let Some(cmd) = take_listen_command(io).await? {
+                answer_listen(io, s, listen, cmd).await?;
+                continue;
+            }
         }
         let mut server = match pinned.server.take() {
             Some(server) => server,
@@ -266,7 +252,17 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                         }
                     }
                 }
+                // DISCARD ALL and UNLISTEN that ran on a server connection (in a block, among
+                // other statements, or while pinned) end the hub's subscriptions too.
                 if std::mem::take(&mut s.view.discarded_all) {
+                    *listen = None;
+                }
+                for channel in std::mem::take(&mut s.view.unlistened) {
+                    if let Some(sub) = listen.as_mut() {
+                        sub.unlisten(channel.as_deref());
+                    }
+                }
+                if listen.as_ref().is_some_and(|l| !l.listening()) {
                     *listen = None;
                 }
                 // Notifications that waited go out right after the ReadyForQuery.
@@ -553,6 +549,16 @@ enum Woke {
 /// to the client; one that does not read is closed when its queue overflows.
 const NOTIFY_OUT_MARK: usize = 64 * 1024;
 
+/// Reads from the client, or, while output waits for it, writes that first (the client may
+/// not read until it is written; it is not read meanwhile).
+async fn read_or_flush<C: AsyncRead + AsyncWrite + Unpin>(io: &mut ClientIo<C>) -> Result<(), Gone> {
+    if io.out.is_empty() {
+        io.fill().await
+    } else {
+        io.flush().await
+    }
+}
+
 /// The next message of a pinned client's idle server connection (never, with none).
 async fn pinned_message(
     server: Option<&mut Pooled>,
@@ -634,11 +640,15 @@ fn may_be_listen(head: &[u8]) -> bool {
         .position(|b| !b.is_ascii_whitespace())
         .unwrap_or(head.len());
     let rest = head.get(start..).unwrap_or_default();
-    let first = rest.first().map(u8::to_ascii_lowercase);
-    match first {
-        None | Some(b'-' | b'/' | b'l' | b'u') => true,
-        Some(_) => false,
+    if rest.starts_with(b"--") || rest.starts_with(b"/*") || rest == b"-" || rest == b"/" {
+        return true;
     }
+    [b"listen".as_slice(), b"unlisten".as_slice()].iter().any(|word| {
+        let n = rest.len().min(word.len());
+        rest.get(..n)
+            .zip(word.get(..n))
+            .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
+    })
 }
 
 /// Serves a client's LISTEN / UNLISTEN through its database's hub and answers it.

@@ -34,6 +34,12 @@ pub enum SessionState {
     Allow,
 }
 
+impl Default for SessionState {
+    fn default() -> SessionState {
+        defaults::SESSION_STATE
+    }
+}
+
 /// How clients prove who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum AuthMethod {

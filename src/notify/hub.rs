@@ -29,24 +29,20 @@ const QUERY_LIMIT: Duration = Duration::from_secs(10);
 
 /// What a subscriber asks of the hub.
 pub(super) enum Cmd {
-    /// Subscribe `sub` to `channel`; `ack` once the listener listens there.
-    Listen {
-        sub: u64,
-        channel: String,
-        sink: Sink,
-        ack: oneshot::Sender<Result<(), ListenError>>,
-    },
+    /// Subscribe a client to a channel; its `ack` once the listener listens there.
+    Listen(Waiting),
     /// Unsubscribe `sub` from `channel`, or from all (`None`).
     Unlisten { sub: u64, channel: Option<String> },
     /// `sub` is gone.
     Leave { sub: u64 },
 }
 
-struct Waiting {
-    sub: u64,
-    channel: String,
-    sink: Sink,
-    ack: oneshot::Sender<Result<(), ListenError>>,
+/// A client's LISTEN, until the hub has served it.
+pub(super) struct Waiting {
+    pub(super) sub: u64,
+    pub(super) channel: String,
+    pub(super) sink: Sink,
+    pub(super) ack: oneshot::Sender<Result<(), ListenError>>,
 }
 
 struct Hub {
@@ -73,9 +69,9 @@ pub(super) async fn run(pool: Arc<Pool>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         retry_at: None,
     };
     loop {
-        let connect_at = (hub.conn.is_none() && !hub.waiting.is_empty()
-            || hub.conn.is_none() && !hub.channels.is_empty())
-        .then(|| hub.retry_at.unwrap_or_else(Instant::now));
+        let wants_connection = !hub.waiting.is_empty() || !hub.channels.is_empty();
+        let connect_at =
+            (hub.conn.is_none() && wants_connection).then(|| hub.retry_at.unwrap_or_else(Instant::now));
         tokio::select! {
             cmd = rx.recv() => match cmd {
                 Some(cmd) => hub.apply(cmd).await,
@@ -106,39 +102,25 @@ fn quote_ident(name: &str) -> String {
 impl Hub {
     async fn apply(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Listen {
-                sub,
-                channel,
-                sink,
-                ack,
-            } => {
-                if self.channels.contains_key(&channel) || self.conn.is_none() {
-                    if self.channels.contains_key(&channel) && self.conn.is_some() {
-                        self.add(sub, channel, sink);
-                        let _ = ack.send(Ok(()));
-                    } else {
-                        self.waiting.push(Waiting {
-                            sub,
-                            channel,
-                            sink,
-                            ack,
-                        });
-                    }
-                    return;
-                }
-                self.listen_new(Waiting {
-                    sub,
-                    channel,
-                    sink,
-                    ack,
-                })
-                .await;
-            }
+            Cmd::Listen(w) => self.serve(w).await,
             Cmd::Unlisten { sub, channel } => self.remove(sub, channel.as_deref()),
             Cmd::Leave { sub } => {
                 self.remove(sub, None);
                 self.subs.remove(&sub);
             }
+        }
+    }
+
+    /// Subscribes a LISTEN: at once to a channel the connection listens on, after a LISTEN
+    /// round trip to a new one, or once there is a connection.
+    async fn serve(&mut self, w: Waiting) {
+        if self.conn.is_none() {
+            self.waiting.push(w);
+        } else if self.channels.contains_key(&w.channel) {
+            self.add(w.sub, w.channel, w.sink);
+            let _ = w.ack.send(Ok(()));
+        } else {
+            self.listen_new(w).await;
         }
     }
 
@@ -235,14 +217,7 @@ impl Hub {
                     }
                 }
                 for w in std::mem::take(&mut self.waiting) {
-                    if self.channels.contains_key(&w.channel) && self.conn.is_some() {
-                        self.add(w.sub, w.channel, w.sink);
-                        let _ = w.ack.send(Ok(()));
-                    } else if self.conn.is_some() {
-                        self.listen_new(w).await;
-                    } else {
-                        self.waiting.push(w);
-                    }
+                    self.serve(w).await;
                 }
             }
             Err(e) => {

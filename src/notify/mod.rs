@@ -128,14 +128,16 @@ struct Sink {
 
 impl Sink {
     /// Queues one NotificationResponse body; `false` if that overflows the queue (it is then
-    /// marked overflowed, and nothing more is queued).
+    /// marked overflowed, and nothing more is queued). A subscriber that is gone already
+    /// (its `Leave` on the way) takes nothing.
     fn push(&self, body: &Bytes) -> bool {
         let before = self.queue.bytes.fetch_add(body.len(), Ordering::AcqRel);
         if before + body.len() > MAX_QUEUED_BYTES {
             self.queue.overflowed.store(true, Ordering::Release);
             return false;
         }
-        self.tx.send(body.clone()).is_ok()
+        let _ = self.tx.send(body.clone());
+        true
     }
 }
 
@@ -174,12 +176,12 @@ impl Subscription {
             return Err(ListenError::TooManyChannels(MAX_CHANNELS));
         }
         let (ack, answer) = oneshot::channel();
-        let cmd = hub::Cmd::Listen {
+        let cmd = hub::Cmd::Listen(hub::Waiting {
             sub: self.id,
             channel: channel.clone(),
             sink: self.sink.clone(),
             ack,
-        };
+        });
         if self.hub.tx.send(cmd).is_err() {
             return Err(ListenError::HubGone);
         }

@@ -24,6 +24,9 @@ pub enum SessionCommand {
     DiscardAll,
     /// `DEALLOCATE [PREPARE] name`, or `ALL` when `None`.
     Deallocate(Option<String>),
+    /// `UNLISTEN channel`, or `*` when `None` (it also ends what the client listens on
+    /// through the proxy's notification hub).
+    Unlisten(Option<String>),
 }
 
 /// Classifies one statement; `None` when it is anything else (including several statements,
@@ -32,6 +35,12 @@ pub enum SessionCommand {
 /// their RESETs) are the settings `role` and `session_authorization`.
 pub fn classify(sql: &str) -> Option<SessionCommand> {
     let (first, _) = split_word(skip_comments(sql)?);
+    if first.eq_ignore_ascii_case("unlisten") {
+        return match listen_command(sql)? {
+            ListenCommand::Unlisten(channel) => Some(SessionCommand::Unlisten(channel)),
+            ListenCommand::Listen(_) => None,
+        };
+    }
     if !["set", "reset", "discard", "deallocate"]
         .iter()
         .any(|k| first.eq_ignore_ascii_case(k))

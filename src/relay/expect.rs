@@ -125,6 +125,8 @@ pub enum Tag {
     Rollback,
     /// DISCARD ALL.
     DiscardAll,
+    /// UNLISTEN.
+    Unlisten,
     /// DEALLOCATE ALL.
     DeallocateAll,
     /// DISCARD PLANS.
@@ -145,6 +147,7 @@ impl Tag {
             b"COMMIT" => Tag::Commit,
             b"ROLLBACK" => Tag::Rollback,
             b"DISCARD ALL" => Tag::DiscardAll,
+            b"UNLISTEN" => Tag::Unlisten,
             b"DEALLOCATE ALL" => Tag::DeallocateAll,
             b"DISCARD PLANS" => Tag::DiscardPlans,
             b"SET" => Tag::Set,
@@ -335,7 +338,7 @@ fn on_command_complete(
             view.plans.advance();
         }
         Tag::DiscardPlans => view.plans.advance(),
-        Tag::Set | Tag::Reset | Tag::Other => {}
+        Tag::Set | Tag::Reset | Tag::Unlisten | Tag::Other => {}
     }
     if let Some(cmd) = cmd {
         let ok = matches!(
@@ -344,6 +347,7 @@ fn on_command_complete(
                 SessionCommand::Set { .. } | SessionCommand::Reset { .. } | SessionCommand::ResetAll,
                 Tag::Set | Tag::Reset
             ) | (SessionCommand::DiscardAll, Tag::DiscardAll)
+                | (SessionCommand::Unlisten(_), Tag::Unlisten)
         );
         if ok {
             view.completed(server, cmd);

@@ -4,6 +4,7 @@
 //! probes the backend when that may have changed the state (`PROBE_QUERY`), and keeps or
 //! releases the connection by the answer.
 
+use crate::config::SessionState;
 use crate::proto::effects::Effects;
 
 /// One query the proxy runs on a server connection after a transaction that may have created
@@ -36,19 +37,25 @@ pub struct Pins {
     /// A library was loaded (`LOAD`): the connection is closed, not reused, when the client
     /// leaves.
     loaded: bool,
-    /// `session_state = "allow"`: nothing is noted, nothing pins.
-    allow: bool,
+    /// `session_state`: what becomes of statements that leave session state.
+    policy: SessionState,
 }
 
 impl Pins {
-    /// `session_state = "allow"`: from now on nothing pins the client.
-    pub fn allow_state(&mut self) {
-        self.allow = true;
+    /// Applies `session_state` to the client's requests from now on.
+    pub fn set_policy(&mut self, policy: SessionState) {
+        self.policy = policy;
     }
 
-    /// A request's text may have these effects.
+    /// `session_state = "reject"`: statements that would leave session state are refused.
+    pub fn rejects(&self) -> bool {
+        self.policy == SessionState::Reject
+    }
+
+    /// A request's text may have these effects (`session_state = "allow"`: ignored, nothing
+    /// pins).
     pub fn note(&mut self, effects: Effects) {
-        if self.allow {
+        if self.policy == SessionState::Allow {
             return;
         }
         self.pending |= effects;

@@ -112,7 +112,7 @@ pub fn handle(
             let cmd = if flags.track {
                 let text = Reader::new(body).cstr("query")?;
                 let fx = effects(text);
-                if view.reject_state && fx.leaves_state() {
+                if view.pins.rejects() && fx.leaves_state() {
                     // The backend raises the refusal itself, so a transaction block fails
                     // with it exactly as it would with any error.
                     buf.advance(h.total_len());
@@ -201,7 +201,7 @@ fn extended(
                     r.cstr("statement name")?;
                     let text = r.cstr("query")?;
                     view.unnamed_effects = effects(text);
-                    if view.reject_state && view.unnamed_effects.leaves_state() {
+                    if view.pins.rejects() && view.unnamed_effects.leaves_state() {
                         view.unnamed_effects = Effects::NONE;
                         view.unnamed_statement = None;
                         buf.advance(h.total_len());
@@ -244,7 +244,7 @@ fn extended(
             let cmd = classify(&String::from_utf8_lossy(query));
             let stmt = Arc::new(Statement::new(query, types, cmd, view.plans.current()));
             buf.advance(h.total_len());
-            if view.reject_state && stmt.effects.leaves_state() {
+            if view.pins.rejects() && stmt.effects.leaves_state() {
                 return Ok(refuse(view, flags, state_refused()));
             }
             view.statements.insert(client_name.clone(), stmt.clone());

@@ -47,8 +47,10 @@ pub struct SessionView {
     pub lost_error: Option<crate::proto::backend::PgError>,
     /// The client ran DISCARD ALL: its LISTENs through the proxy's hub end too.
     pub discarded_all: bool,
-    /// `session_state = "reject"`: statements that would leave session state are refused.
-    pub reject_state: bool,
+    /// UNLISTENs the client ran on a server connection (committed), for the session to
+    /// apply to its LISTENs through the proxy's hub too; distinct entries, at most
+    /// `notify::MAX_CHANNELS` (as many as it can listen on there).
+    pub unlistened: Vec<Option<String>>,
     /// Session commands run inside the open transaction block: they take effect at COMMIT.
     pub(super) in_block: Vec<SessionCommand>,
     /// Whether a transaction block is open (from BEGIN/COMMIT/ROLLBACK tags and ReadyForQuery).
@@ -231,6 +233,12 @@ impl SessionView {
                 server.prepared.clear();
             }
             SessionCommand::Deallocate(_) => {}
+            SessionCommand::Unlisten(channel) => {
+                if self.unlistened.len() < crate::notify::MAX_CHANNELS && !self.unlistened.contains(&channel)
+                {
+                    self.unlistened.push(channel);
+                }
+            }
         }
     }
 
