@@ -150,3 +150,92 @@ async fn set_through_the_extended_protocol_is_tracked() {
     let err = a.query(&stmt, &[]).await.unwrap_err();
     assert_eq!(support::sqlstate(&err).as_deref(), Some("26000"));
 }
+
+/// `current_setting(name, true)` as the client sees it ("" for a placeholder that was reset,
+/// NULL where it was never set: both mean unset).
+async fn custom(c: &tokio_postgres::Client, name: &str) -> String {
+    let row = c
+        .query_one("select coalesce(current_setting($1, true), '')", &[&name])
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_config_is_carried_like_set_without_pinning() {
+    use tokio_postgres::types::Type;
+    let db = TestDb::new("state_set_config");
+    let proxy = start_proxy(&db.config("default_pool_size = 1", "auth = \"trust\"")).await;
+    let url = db.url(&proxy);
+    let a = connect(&url).await;
+    let b = connect(&url).await;
+    let pinned = || {
+        proxy.pools().all()[0]
+            .stats
+            .pinned_clients
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // Literal arguments, simple query, the way row-level-security code sets its context.
+    a.simple_query("SELECT set_config('app.tenant', '42', false)")
+        .await
+        .unwrap();
+    // Parameters through a named statement (tokio-postgres prepares one) ...
+    a.query(
+        "select pg_catalog.set_config($1, $2, false)",
+        &[&"app.user", &"alice"],
+    )
+    .await
+    .unwrap();
+    // ... and through the unnamed statement, with a binary boolean.
+    a.query_typed(
+        "SELECT set_config($1, $2, $3)",
+        &[
+            (&"app.role", Type::TEXT),
+            (&"admin", Type::TEXT),
+            (&false, Type::BOOL),
+        ],
+    )
+    .await
+    .unwrap();
+    // Transaction-local: gone after the transaction, nothing to carry.
+    a.simple_query("begin; select set_config('app.local', 'x', true); commit")
+        .await
+        .unwrap();
+    assert_eq!(pinned(), 0, "a carried set_config must not pin");
+    // b runs on the pool's one connection in between, and sees none of it.
+    for name in ["app.tenant", "app.user", "app.role", "app.local"] {
+        assert_eq!(custom(&b, name).await, "", "{name} leaked");
+    }
+    assert_eq!(custom(&a, "app.tenant").await, "42");
+    assert_eq!(custom(&a, "app.user").await, "alice");
+    assert_eq!(custom(&a, "app.role").await, "admin");
+    assert_eq!(custom(&a, "app.local").await, "");
+    // A NULL value resets; a rolled-back block undoes.
+    a.query("select set_config($1, $2, false)", &[&"app.user", &None::<&str>])
+        .await
+        .unwrap();
+    a.simple_query("begin").await.unwrap();
+    a.simple_query("select set_config('app.tenant', '43', false)")
+        .await
+        .unwrap();
+    a.simple_query("rollback").await.unwrap();
+    assert_eq!(custom(&b, "app.tenant").await, "");
+    assert_eq!(custom(&a, "app.user").await, "");
+    assert_eq!(custom(&a, "app.tenant").await, "42");
+    // A value the proxy cannot know pins the client until it leaves; then the connection is
+    // reset before b gets it.
+    a.simple_query("select set_config('app.who', current_user, false)")
+        .await
+        .unwrap();
+    assert_eq!(pinned(), 1);
+    let me: String = a
+        .query_one("select current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(custom(&a, "app.who").await, me);
+    drop(a);
+    let seen = tokio::time::timeout(LIMIT, custom(&b, "app.who")).await.unwrap();
+    assert_eq!(seen, "");
+    assert_eq!(custom(&b, "app.tenant").await, "");
+}

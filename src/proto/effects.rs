@@ -10,8 +10,11 @@
 //!   *probe* of the session after the transaction, and so do, for a pinned client, the
 //!   statements that may end that state (`pg_advisory_unlock*`, `CLOSE`, `DEALLOCATE`,
 //!   `DISCARD`, `DROP`, `UNLISTEN`);
-//! - state it cannot observe (`LOAD`, `SET` inside a multi-statement string or a `DO` block):
+//! - state it cannot observe (`LOAD`, `SET` inside a multi-statement string or a `DO` block,
+//!   `set_config` other than alone with arguments the proxy can read, `proto::set_config`):
 //!   the client stays pinned until `DISCARD ALL` or until it leaves.
+
+use crate::proto::set_config::{self, Resolved};
 
 /// Findings in one query text, as bits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -98,16 +101,48 @@ pub fn effects(sql: &[u8]) -> Effects {
         if s.set {
             sets += 1;
         }
+        if s.set_config {
+            match set_config_kind(sql.get(s.text.clone()).unwrap_or_default()) {
+                ConfigKind::Local => {}
+                ConfigKind::Session => sets += 1,
+                ConfigKind::Other => found |= Effects::UNTRACKED,
+            }
+        }
         if s.last {
             break;
         }
     }
-    // One SET alone is tracked and replayed (proto::sql::classify); among other statements
-    // it is not.
+    // One SET (or carried set_config) alone is tracked and replayed (proto::sql::classify);
+    // among other statements it is not.
     if sets > 0 && statements > 1 {
         found |= Effects::UNTRACKED;
     }
     found
+}
+
+/// What a statement calling `set_config` is.
+enum ConfigKind {
+    /// A transaction-local call.
+    Local,
+    /// A session setting the proxy carries when the statement is alone in its text (one
+    /// with parameters is decided at its Bind).
+    Session,
+    /// Anything else: not carried.
+    Other,
+}
+
+fn set_config_kind(stmt: &[u8]) -> ConfigKind {
+    let Some(call) = std::str::from_utf8(stmt).ok().and_then(set_config::call) else {
+        return ConfigKind::Other;
+    };
+    if call.has_params() {
+        return ConfigKind::Session;
+    }
+    match call.resolve_literal() {
+        Resolved::Local => ConfigKind::Local,
+        Resolved::Session(_) => ConfigKind::Session,
+        Resolved::Unknown => ConfigKind::Other,
+    }
 }
 
 /// Statements whose first word alone may make them matter.
@@ -128,7 +163,7 @@ const FIRST_WORDS: [&[u8]; 12] = [
 
 /// The hot path's pre-check, one pass over the bytes: false only when the lexer would find
 /// nothing (no interesting first word, no second statement, no `temp` word, no
-/// `_advisory_` or `_try_advisory_` name). A text starting with a comment goes to the lexer.
+/// `_advisory_`, `_try_advisory_` or `set_config` name). A text starting with a comment goes to the lexer.
 fn may_matter(sql: &[u8]) -> bool {
     let start = sql
         .iter()
@@ -160,7 +195,9 @@ fn may_matter(sql: &[u8]) -> bool {
             rest.get(i + 1..)
                 .is_some_and(|tail| tail.iter().any(|c| !c.is_ascii_whitespace()))
         } else {
-            at(i + 1, b"advisory_") || at(i + 1, b"try_advisory_")
+            at(i + 1, b"advisory_")
+                || at(i + 1, b"try_advisory_")
+                || (at(i + 1, b"config") && i.checked_sub(3).is_some_and(|s| at(s, b"set")))
         };
         if hit {
             return true;
@@ -184,6 +221,10 @@ struct Statement {
     effects: Effects,
     /// A session-level SET (not LOCAL / TRANSACTION / CONSTRAINTS / CHARACTERISTICS).
     set: bool,
+    /// Calls `set_config(`.
+    set_config: bool,
+    /// Its text (without the `;`).
+    text: std::ops::Range<usize>,
     /// No tokens.
     empty: bool,
     /// The text ended with it.
@@ -194,6 +235,8 @@ fn statement(lx: &mut Lexer) -> Statement {
     let mut s = Statement {
         effects: Effects::NONE,
         set: false,
+        set_config: false,
+        text: lx.pos..lx.pos,
         empty: true,
         last: false,
     };
@@ -209,10 +252,14 @@ fn statement(lx: &mut Lexer) -> Statement {
     loop {
         let Some(tok) = lx.next() else {
             s.last = true;
+            s.text.end = lx.text.len();
             break;
         };
         match tok {
-            Token::Semicolon => break,
+            Token::Semicolon => {
+                s.text.end = lx.pos.saturating_sub(1);
+                break;
+            }
             Token::Word(w) => {
                 s.empty = false;
                 index += 1;
@@ -244,6 +291,9 @@ fn statement(lx: &mut Lexer) -> Statement {
                     create_temp = true;
                 }
                 prev = Some(w);
+                if w.text.len() == 10 && w.is("set_config") && lx.peek_open_paren() {
+                    s.set_config = true;
+                }
                 if w.text.len() >= 16 && lx.peek_open_paren() {
                     if ADVISORY_LOCK.iter().any(|name| w.is(name)) {
                         s.effects |= Effects::STATE;
@@ -556,6 +606,10 @@ mod tests {
             "DO $body$ BEGIN SET LOCAL work_mem = '1MB'; END $body$",
             "PREPARE TRANSACTION 'x'",
             "DECLARE c CURSOR FOR SELECT 1",
+            "SELECT set_config('app.tenant', '42', false)",
+            "select pg_catalog.set_config($1, $2, false)",
+            "SELECT set_config('app.tenant', '42', true)",
+            "SELECT current_setting('app.tenant')",
             "",
             ";;",
         ] {
@@ -608,6 +662,10 @@ mod tests {
             "DO $$ BEGIN SET work_mem = '8MB'; END $$",
             "do $x$ begin if true then set role app; end if; end $x$",
             "DO $$ BEGIN PERFORM set_config('a.b', '1', false); END $$",
+            "SELECT set_config('a.b', current_user, false)",
+            "SELECT set_config('a.b', 'x', false), 1",
+            "SELECT 1; SELECT set_config('a.b', 'x', false)",
+            "UPDATE t SET x = set_config('a.b', 'x', false)",
         ] {
             assert!(untracked(sql), "{sql}");
         }

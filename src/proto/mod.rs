@@ -8,6 +8,7 @@ pub mod backend;
 pub mod effects;
 pub mod frame;
 pub mod frontend;
+pub mod set_config;
 pub mod sql;
 pub mod sqlstate;
 pub mod startup;

@@ -3,6 +3,9 @@
 //! on a single statement, not a SQL parser: anything it does not recognise is `None` and is
 //! relayed untouched.
 
+use crate::proto::set_config::{self, ConfigCall, Resolved};
+use crate::settings::SettingValue;
+
 /// A recognised session-state statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionCommand {
@@ -10,8 +13,8 @@ pub enum SessionCommand {
     Set {
         /// Lowercased setting name.
         name: String,
-        /// The value expression, verbatim.
-        value: String,
+        /// The value: a `SET`'s value expression verbatim, or a `set_config` call's text.
+        value: SettingValue,
     },
     /// `RESET name` or `SET name {TO|=} DEFAULT`.
     Reset {
@@ -27,6 +30,9 @@ pub enum SessionCommand {
     /// `UNLISTEN channel`, or `*` when `None` (it also ends what the client listens on
     /// through the proxy's notification hub).
     Unlisten(Option<String>),
+    /// `SELECT set_config(…)` with parameters: a `Set` or `Reset` once a Bind brings them
+    /// (`proto::set_config`).
+    SetConfig(ConfigCall),
 }
 
 /// Classifies one statement; `None` when it is anything else (including several statements,
@@ -35,6 +41,16 @@ pub enum SessionCommand {
 /// their RESETs) are the settings `role` and `session_authorization`.
 pub fn classify(sql: &str) -> Option<SessionCommand> {
     let (first, _) = split_word(skip_comments(sql)?);
+    if first.eq_ignore_ascii_case("select") {
+        let call = set_config::call(sql)?;
+        if call.has_params() {
+            return Some(SessionCommand::SetConfig(call));
+        }
+        return match call.resolve_literal() {
+            Resolved::Session(cmd) => Some(cmd),
+            Resolved::Local | Resolved::Unknown => None,
+        };
+    }
     if first.eq_ignore_ascii_case("unlisten") {
         return match listen_command(sql)? {
             ListenCommand::Unlisten(channel) => Some(SessionCommand::Unlisten(channel)),
@@ -101,7 +117,7 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
             }
             Some(SessionCommand::Set {
                 name,
-                value: value.to_string(),
+                value: SettingValue::Sql(value.to_string()),
             })
         }
         "reset" => {
@@ -210,7 +226,7 @@ fn identity_value(name: &str, value: &str, reset_word: &str) -> Option<SessionCo
     }
     Some(SessionCommand::Set {
         name: name.into(),
-        value: value.to_string(),
+        value: SettingValue::Sql(value.to_string()),
     })
 }
 
@@ -359,7 +375,7 @@ mod tests {
     fn set(name: &str, value: &str) -> Option<SessionCommand> {
         Some(Set {
             name: name.into(),
-            value: value.into(),
+            value: SettingValue::Sql(value.into()),
         })
     }
 

@@ -135,6 +135,8 @@ pub enum Tag {
     Set,
     /// RESET.
     Reset,
+    /// `SELECT 1`: what a `SELECT set_config(…)` answers.
+    SelectOne,
     /// Anything else.
     Other,
 }
@@ -152,6 +154,7 @@ impl Tag {
             b"DISCARD PLANS" => Tag::DiscardPlans,
             b"SET" => Tag::Set,
             b"RESET" => Tag::Reset,
+            b"SELECT 1" => Tag::SelectOne,
             _ => Tag::Other,
         }
     }
@@ -338,14 +341,14 @@ fn on_command_complete(
             view.plans.advance();
         }
         Tag::DiscardPlans => view.plans.advance(),
-        Tag::Set | Tag::Reset | Tag::Unlisten | Tag::Other => {}
+        Tag::Set | Tag::Reset | Tag::SelectOne | Tag::Unlisten | Tag::Other => {}
     }
     if let Some(cmd) = cmd {
         let ok = matches!(
             (&cmd, tag),
             (
                 SessionCommand::Set { .. } | SessionCommand::Reset { .. } | SessionCommand::ResetAll,
-                Tag::Set | Tag::Reset
+                Tag::Set | Tag::Reset | Tag::SelectOne
             ) | (SessionCommand::DiscardAll, Tag::DiscardAll)
                 | (SessionCommand::Unlisten(_), Tag::Unlisten)
         );

@@ -13,6 +13,7 @@ use crate::prepared::{Presence, Statement};
 use crate::proto::backend::{put_cstr, PgError, Severity};
 use crate::proto::effects::{effects, Effects};
 use crate::proto::frame::{Header, HEADER_LEN};
+use crate::proto::set_config::{self, Resolved};
 use crate::proto::sql::{classify, SessionCommand};
 use crate::proto::sqlstate;
 use crate::proto::{ProtoError, Reader};
@@ -263,20 +264,32 @@ fn extended(
             let portal = r.cstr("portal name")?;
             let stmt_name = r.cstr("statement name")?;
             let portal_unnamed = portal.is_empty();
-            if stmt_name.is_empty() {
-                view.pins.note(view.unnamed_effects);
-            } else if flags.track && !track {
-                // A named statement the proxy does not map (`max_prepared_statements = 0`): its
-                // text was not read, so it may create state.
-                view.pins.note(Effects::STATE);
-            }
             if stmt_name.is_empty() || !track {
-                if portal_unnamed {
-                    view.unnamed_portal = if stmt_name.is_empty() {
-                        view.unnamed_statement.clone()
-                    } else {
+                let command = if stmt_name.is_empty() {
+                    bound_command(view.unnamed_statement.as_ref(), h, buf)
+                } else {
+                    Bound::Command(None)
+                };
+                let command = match command {
+                    Bound::NeedMore => return Ok(Step::NeedMore(h.total_len())),
+                    Bound::Command(c) => c,
+                    Bound::Untracked => {
+                        view.pins.note(Effects::UNTRACKED);
                         None
-                    };
+                    }
+                };
+                if stmt_name.is_empty() {
+                    view.pins.note(view.unnamed_effects);
+                } else if flags.track {
+                    // A named statement the proxy does not map (`max_prepared_statements = 0`):
+                    // its text was not read, so it may create state.
+                    view.pins.note(Effects::STATE);
+                }
+                if portal_unnamed {
+                    view.unnamed_portal = command;
+                } else if command.is_some() {
+                    // Only the unnamed portal's command is followed to its Execute.
+                    view.pins.note(Effects::UNTRACKED);
                 }
                 view.owe(Expect::Bind);
                 return Ok(forward(buf, h, server));
@@ -292,8 +305,18 @@ fn extended(
                 refuse(view, flags, err);
                 return Ok(step);
             };
+            let command = match bound_command(stmt.command.as_ref(), h, buf) {
+                Bound::NeedMore => return Ok(Step::NeedMore(h.total_len())),
+                Bound::Command(c) => c,
+                Bound::Untracked => {
+                    view.pins.note(Effects::UNTRACKED);
+                    None
+                }
+            };
             if portal_unnamed {
-                view.unnamed_portal = stmt.command.clone();
+                view.unnamed_portal = command;
+            } else if command.is_some() {
+                view.pins.note(Effects::UNTRACKED);
             }
             view.pins.note(stmt.effects);
             ensure_prepared(view, server, &stmt);
@@ -385,6 +408,34 @@ fn extended(
             view.owe(Expect::Execute(cmd));
             Ok(forward(buf, h, server))
         }
+    }
+}
+
+/// The session command a Bind gives its portal, from its statement's.
+enum Bound {
+    Command(Option<SessionCommand>),
+    /// The whole Bind is needed to resolve it.
+    NeedMore,
+    /// A setting whose value the proxy cannot know: the client is pinned.
+    Untracked,
+}
+
+/// The statement's command as the portal runs it: a parameterised `set_config` resolved from
+/// the Bind's values (the whole message is read, when it is small enough to look at).
+fn bound_command(command: Option<&SessionCommand>, h: Header, buf: &BytesMut) -> Bound {
+    let Some(SessionCommand::SetConfig(call)) = command else {
+        return Bound::Command(command.cloned());
+    };
+    if h.body_len > CLASSIFY_LIMIT {
+        return Bound::Untracked;
+    }
+    let Some(body) = buf.get(HEADER_LEN..h.total_len()) else {
+        return Bound::NeedMore;
+    };
+    match call.resolve(|n| set_config::bind_param(body, n)) {
+        Resolved::Session(cmd) => Bound::Command(Some(cmd)),
+        Resolved::Local => Bound::Command(None),
+        Resolved::Unknown => Bound::Untracked,
     }
 }
 

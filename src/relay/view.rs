@@ -204,10 +204,9 @@ impl SessionView {
                 if name == SESSION_AUTHORIZATION {
                     self.role_reset(server);
                 }
-                let v = SettingValue::Sql(value);
                 server.stale.remove(&name);
-                server.applied.insert(name.clone(), v.clone());
-                self.settings.insert(name, v);
+                server.applied.insert(name.clone(), value.clone());
+                self.settings.insert(name, value);
             }
             SessionCommand::Reset { name } => {
                 if name == SESSION_AUTHORIZATION {
@@ -232,7 +231,8 @@ impl SessionView {
                 self.statements.clear();
                 server.prepared.clear();
             }
-            SessionCommand::Deallocate(_) => {}
+            // A parameterised set_config is resolved at Bind; DEALLOCATE is the relay's.
+            SessionCommand::Deallocate(_) | SessionCommand::SetConfig(_) => {}
             SessionCommand::Unlisten(channel) => {
                 if self.unlistened.len() < crate::notify::MAX_CHANNELS && !self.unlistened.contains(&channel)
                 {
