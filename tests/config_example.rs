@@ -48,6 +48,7 @@ macro_rules! with_shared_keys {
             client_login_timeout,
             client_idle_timeout,
             pinned_idle_timeout,
+            max_pinned,
             idle_transaction_timeout,
             query_timeout,
             server_connect_timeout,
@@ -83,6 +84,7 @@ const DATABASE_KEYS: &[&str] = with_shared_keys!(keys_of!(RawDatabase;
     server_connect_concurrency,
     server_user,
     server_password,
+    listen_user,
 ));
 
 const TENANT_KEYS: &[&str] = with_shared_keys!(keys_of!(RawTenant;
@@ -525,6 +527,18 @@ pool_size = 0
     // The error message lists them all.
     let msg = ConfigError::Invalid(problems).to_string();
     assert!(msg.starts_with("10 configuration problem(s)"), "{msg}");
+}
+
+#[test]
+fn listen_user_must_be_a_configured_user() {
+    let problems = invalid("[databases.app]\nlisten_user = \"nobody\"\n[users.u]\npassword = \"pw\"\n");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("databases.app.listen_user = \"nobody\""),
+        "{problems:?}"
+    );
+    let cfg = parse("[databases.app]\nlisten_user = \"u\"\n[users.u]\npassword = \"pw\"\n");
+    assert_eq!(cfg.databases["app"].listen_user.as_deref(), Some("u"));
 }
 
 #[test]

@@ -211,3 +211,40 @@ async fn a_client_that_never_reads_its_notifications_is_closed() {
     assert!(seen < 3000);
     assert_eq!(value(&n, "select 1").await, "1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_logs_in_as_listen_user() {
+    let db = TestDb::new("listen_user");
+    let role = format!("{}_hub", db.user);
+    cluster()
+        .psql("postgres", &format!("CREATE ROLE {role} LOGIN PASSWORD 'hub-pw'"))
+        .unwrap();
+    let config = db
+        .config(
+            &format!("default_pool_size = 2\n[users.{role}]\npassword = \"hub-pw\""),
+            "auth = \"trust\"",
+        )
+        .replace(
+            &format!("[databases.{}]\n", db.user),
+            &format!("[databases.{}]\nlisten_user = \"{role}\"\n", db.user),
+        );
+    let proxy = start_proxy(&config).await;
+    let url = db.url(&proxy);
+    let (c, mut rx) = listener(&url).await;
+    c.simple_query("LISTEN jobs").await.unwrap();
+    let notifier = connect(&url).await;
+    notifier.simple_query("NOTIFY jobs, 'one'").await.unwrap();
+    assert_eq!(next(&mut rx).await, pair("jobs", "one"));
+    let listening_as = |user: &str| {
+        cluster()
+            .psql(
+                "postgres",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}' AND query LIKE 'LISTEN%'"
+                ),
+            )
+            .unwrap()
+    };
+    assert_eq!(listening_as(&role), "1");
+    assert_eq!(listener_backends(&db), 0);
+}

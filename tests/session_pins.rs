@@ -379,4 +379,104 @@ async fn a_pinned_client_idle_past_pinned_idle_timeout_is_closed() {
     let b = connect(&db.url(&proxy)).await;
     assert_eq!(value(&b, STATE).await, CLEAN);
     assert_eq!(pinned(&proxy), 0);
+    assert_eq!(pool(&proxy).stats.pinned_idle_timeouts.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_pinned_refuses_the_statement_that_would_pin_with_53300() {
+    let db = TestDb::new("pin_max");
+    let proxy = start_proxy(&db.config("default_pool_size = 3\nmax_pinned = 1", "auth = \"trust\"")).await;
+    let url = db.url(&proxy);
+    let a = connect(&url).await;
+    let b = connect(&url).await;
+    a.simple_query("select pg_advisory_lock(1)").await.unwrap();
+    assert_eq!(pinned(&proxy), 1);
+    let refused = |err: tokio_postgres::Error| {
+        assert_eq!(support::sqlstate(&err).as_deref(), Some("53300"), "{err}");
+        let msg = err.as_db_error().unwrap().message().to_string();
+        assert!(msg.contains("max_pinned = 1") && msg.contains("pin_max"), "{msg}");
+    };
+    // Simple query, inside a block (which then fails as with any error), and through the
+    // extended protocol, named and unnamed.
+    refused(b.simple_query("select pg_advisory_lock(2)").await.unwrap_err());
+    refused(b.simple_query("create temp table t (x int)").await.unwrap_err());
+    b.simple_query("begin").await.unwrap();
+    refused(
+        b.simple_query("declare c cursor with hold for select 1")
+            .await
+            .unwrap_err(),
+    );
+    let err = b.simple_query("select 1").await.unwrap_err();
+    assert_eq!(support::sqlstate(&err).as_deref(), Some("25P02"), "{err}");
+    b.simple_query("rollback").await.unwrap();
+    refused(
+        b.query("select pg_try_advisory_lock($1)", &[&3i64])
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        b.query_typed(
+            "select pg_advisory_lock($1)",
+            &[(&4i64, tokio_postgres::types::Type::INT8)],
+        )
+        .await
+        .unwrap_err(),
+    );
+    // What does not pin still runs, transaction-level locks included, and b is not pinned.
+    b.simple_query("select pg_advisory_xact_lock(5)").await.unwrap();
+    assert_eq!(value(&b, STATE).await, CLEAN);
+    assert_eq!(pinned(&proxy), 1);
+    // The pinned client itself may take more; once it lets go, b may pin.
+    a.simple_query("select pg_advisory_lock(6)").await.unwrap();
+    a.simple_query("select pg_advisory_unlock_all()").await.unwrap();
+    assert_eq!(pinned(&proxy), 0);
+    b.simple_query("select pg_advisory_lock(2)").await.unwrap();
+    assert_eq!(pinned(&proxy), 1);
+    refused(a.simple_query("select pg_advisory_lock(1)").await.unwrap_err());
+    // Counted once each (collected after the refused request's transaction).
+    assert!(
+        support::eventually(LIMIT, || pool(&proxy).stats.pin_refusals.load(Ordering::Relaxed)
+            == 6)
+        .await
+    );
+    // A pinned client leaving gives its place back.
+    drop(b);
+    let c = connect(&url).await;
+    assert!(support::eventually(LIMIT, || pinned(&proxy) == 0).await);
+    c.simple_query("select pg_advisory_lock(7)").await.unwrap();
+    assert_eq!(pinned(&proxy), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_max_pinned_spans_its_pools() {
+    let db = TestDb::new("pin_tenant");
+    let c = cluster();
+    let alias = format!("{}_alias", db.user);
+    let proxy = start_proxy(&db.config(
+        &format!(
+            "default_pool_size = 3\n[tenants.jobs]\nmax_pinned = 1\n\
+             [databases.{alias}]\nhost = \"{}\"\nport = {}\ndbname = \"{}\"",
+            c.host(),
+            c.port(),
+            db.user
+        ),
+        "auth = \"trust\"\ntenant = \"jobs\"",
+    ))
+    .await;
+    let a = connect(&db.url(&proxy)).await;
+    let b = connect(
+        &db.url(&proxy)
+            .replace(&format!("dbname={}", db.user), &format!("dbname={alias}")),
+    )
+    .await;
+    a.simple_query("create temp table t (x int)").await.unwrap();
+    let err = b.simple_query("create temp table t (x int)").await.unwrap_err();
+    assert_eq!(support::sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    let msg = err.as_db_error().unwrap().message().to_string();
+    assert!(
+        msg.contains("tenant jobs") && msg.contains("max_pinned = 1"),
+        "{msg}"
+    );
+    a.simple_query("drop table t").await.unwrap();
+    b.simple_query("create temp table t (x int)").await.unwrap();
 }

@@ -239,3 +239,46 @@ async fn set_config_is_carried_like_set_without_pinning() {
     assert_eq!(seen, "");
     assert_eq!(custom(&b, "app.tenant").await, "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_undo_only_what_ran_after_them() {
+    let db = TestDb::new("state_savepoint");
+    let proxy = start_proxy(&db.config("default_pool_size = 1", "auth = \"trust\"")).await;
+    let url = db.url(&proxy);
+    let a = connect(&url).await;
+    let b = connect(&url).await;
+    let names = ["statement_timeout", "work_mem", "search_path"];
+    for sql in [
+        "begin",
+        "set statement_timeout = 1111",
+        "savepoint s",
+        "set work_mem = '7MB'",
+        "rollback to savepoint s",
+        "commit",
+    ] {
+        a.simple_query(sql).await.unwrap();
+    }
+    // The SET before the savepoint committed: a has it on every connection, b never.
+    assert_eq!(show(&b, &names).await, ["0", "4MB", "\"$user\", public"]);
+    assert_eq!(show(&a, &names).await, ["1111ms", "4MB", "\"$user\", public"]);
+    // RELEASE keeps what ran after the savepoint; a rollback to an outer savepoint undoes an
+    // inner one's commands too. Through the extended protocol this time.
+    for sql in [
+        "begin",
+        "savepoint outer_sp",
+        "set search_path = pg_catalog",
+        "savepoint inner_sp",
+        "set work_mem = '6MB'",
+        "release savepoint inner_sp",
+        "rollback to outer_sp",
+        "set work_mem = '5MB'",
+        "savepoint again",
+        "set statement_timeout = 2222",
+        "release again",
+        "commit",
+    ] {
+        a.execute(sql, &[]).await.unwrap();
+    }
+    assert_eq!(show(&b, &names).await, ["0", "4MB", "\"$user\", public"]);
+    assert_eq!(show(&a, &names).await, ["2222ms", "5MB", "\"$user\", public"]);
+}

@@ -42,8 +42,8 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
     let result = serve(io, &mut s, &mut pinned, &mut listen).await;
     drop(listen);
     // The client is gone: no longer counted as pinned, whatever its connection's reset takes.
-    let Pinned { server, counted } = pinned;
-    drop(counted);
+    pinned.leave(&mut s.view.pins);
+    let Pinned { server, .. } = pinned;
     if let Some(server) = server {
         finish_pinned(server, &s.view.pins).await;
     }
@@ -59,6 +59,13 @@ struct Pinned {
 }
 
 impl Pinned {
+    /// The client is leaving: it no longer counts as pinned (in the gauge or against
+    /// `max_pinned`), whatever its connection's reset takes.
+    fn leave(&mut self, pins: &mut Pins) {
+        pins.left();
+        self.counted = None;
+    }
+
     /// Keeps the pool's gauge of pinned clients right: counted while `pinned`.
     fn count(&mut self, pool: &Arc<Pool>, pinned: bool) {
         if !pinned {
@@ -101,6 +108,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
     };
     let limits = s.pool.settings.clone();
     s.view.pins.set_policy(limits.session_state);
+    s.view.pins.set_budget(s.pool.pin_budget.clone());
     // In transaction mode the client is idle here, between transactions; in session mode the
     // relay runs for the whole session and times its idleness itself.
     let mut timers = Timers::new(
@@ -153,7 +161,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                             return fatal(io, ClientError::IdleTimeout(limit)).await;
                         }
                         Woke::PinnedIdleTimeout => {
-                            PoolStats::bump(&s.pool.stats.client_idle_timeouts);
+                            PoolStats::bump(&s.pool.stats.pinned_idle_timeouts);
                             let e = ClientError::PinnedIdleTimeout {
                                 limit: limits.pinned_idle_timeout.unwrap_or_default(),
                                 state: s.view.pins.describe(),
@@ -277,7 +285,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                 io.flush().await?;
             }
             Outcome::ClientGone { server_clean } => {
-                pinned.counted = None;
+                pinned.leave(&mut s.view.pins);
                 finish_server(server, server_clean, mode, &s.view.pins).await;
                 return Ok(());
             }
@@ -301,7 +309,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                 PoolStats::bump(&s.pool.stats.client_idle_timeouts);
                 let limit = limits.client_idle_timeout.unwrap_or_default();
                 let told = fatal_within(io, ClientError::IdleTimeout(limit)).await;
-                pinned.counted = None;
+                pinned.leave(&mut s.view.pins);
                 finish_server(server, server_clean, mode, &s.view.pins).await;
                 return told;
             }
@@ -510,6 +518,7 @@ fn collect_counters(pool: &Pool, view: &mut SessionView) {
     PoolStats::add(&pool.stats.prepared_misses, c.misses);
     PoolStats::add(&pool.stats.prepared_evictions, c.evictions);
     PoolStats::add(&pool.stats.query_timeouts, c.query_timeouts);
+    PoolStats::add(&pool.stats.pin_refusals, c.pin_refusals);
 }
 
 /// Returns or closes the server connection of a client that left.
@@ -721,22 +730,27 @@ async fn pass_on_idle_message<C: AsyncRead + AsyncWrite + Unpin>(
 async fn settle_pins(server: &mut Pooled, view: &mut SessionView) -> Result<bool, String> {
     let probe = view.pins.needs_probe();
     view.pins.transaction_ended();
-    if probe {
+    let probed = if probe {
         match tokio::time::timeout(RESET_LIMIT, server.query_text(PROBE_QUERY)).await {
-            Ok(Ok(answer)) => match parse_probe(answer.as_deref()) {
-                Some(bits) => view.pins.probed(bits),
-                None => view.pins.probe_failed(),
-            },
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => {
-                return Err(format!(
-                    "no answer to the session probe within {}",
-                    fmt_duration(RESET_LIMIT)
-                ))
+            Ok(Ok(answer)) => {
+                match parse_probe(answer.as_deref()) {
+                    Some(bits) => view.pins.probed(bits),
+                    None => view.pins.probe_failed(),
+                }
+                Ok(())
             }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no answer to the session probe within {}",
+                fmt_duration(RESET_LIMIT)
+            )),
         }
-    }
-    Ok(view.pins.pinned())
+    } else {
+        Ok(())
+    };
+    // Keeps or gives back the client's place among its pool's pinned clients.
+    view.pins.settled();
+    probed.map(|()| view.pins.pinned())
 }
 
 /// A client with session state on its server connection is gone: the connection is reset

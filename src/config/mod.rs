@@ -82,6 +82,9 @@ pub struct Database {
     pub server_connect_concurrency: u32,
     /// Backend credentials forced for every client of this database.
     pub server_credentials: Option<(String, String)>,
+    /// The user the notification hub's listener connection logs in as (`None`: its first
+    /// subscriber's).
+    pub listen_user: Option<String>,
     /// Pool settings this database overrides.
     pub shared: RawShared,
 }
@@ -104,6 +107,8 @@ pub struct Tenant {
     pub max_queue: Option<u32>,
     /// Client connections of its users together (`None`: no cap of its own).
     pub max_client_conn: Option<u32>,
+    /// Its clients pinned at once across its pools (`None`: no cap of its own).
+    pub max_pinned: Option<u32>,
     /// Pool settings this tenant overrides.
     pub shared: RawShared,
 }
@@ -156,6 +161,8 @@ pub struct PoolSettings {
     pub client_idle_timeout: Option<Duration>,
     /// A pinned client idle this long is disconnected (transaction mode).
     pub pinned_idle_timeout: Option<Duration>,
+    /// Clients of the pool pinned at once (`None`: no cap).
+    pub max_pinned: Option<u32>,
     /// Client idle inside a transaction disconnected after this (25P03).
     pub idle_transaction_timeout: Option<Duration>,
     /// Query cancelled after this; its server connection closed if it does not stop.
@@ -186,6 +193,7 @@ impl PoolSettings {
             client_login_timeout: d::CLIENT_LOGIN_TIMEOUT,
             client_idle_timeout: d::CLIENT_IDLE_TIMEOUT,
             pinned_idle_timeout: d::PINNED_IDLE_TIMEOUT,
+            max_pinned: None,
             idle_transaction_timeout: d::IDLE_TRANSACTION_TIMEOUT,
             query_timeout: d::QUERY_TIMEOUT,
             server_connect_timeout: d::SERVER_CONNECT_TIMEOUT,
@@ -217,6 +225,7 @@ impl PoolSettings {
             client_login_timeout: o.client_login_timeout.unwrap_or(self.client_login_timeout),
             client_idle_timeout: o.client_idle_timeout.unwrap_or(self.client_idle_timeout),
             pinned_idle_timeout: o.pinned_idle_timeout.unwrap_or(self.pinned_idle_timeout),
+            max_pinned: o.max_pinned.or(self.max_pinned),
             idle_transaction_timeout: o
                 .idle_transaction_timeout
                 .unwrap_or(self.idle_transaction_timeout),

@@ -91,6 +91,9 @@ macro_rules! scope_table {
             /// A pinned client (transaction mode) idle this long is disconnected (57P05).
             #[serde(default, deserialize_with = "de_timeout")]
             pub pinned_idle_timeout: Option<Option<Duration>>,
+            /// Clients of one pool that may be pinned at once (transaction mode); in
+            /// `[tenants.*]` also the tenant's pinned clients across its pools.
+            pub max_pinned: Option<u32>,
             /// A client idle inside a transaction this long is disconnected (25P03).
             #[serde(default, deserialize_with = "de_timeout")]
             pub idle_transaction_timeout: Option<Option<Duration>>,
@@ -128,6 +131,7 @@ macro_rules! scope_table {
                     client_login_timeout: self.client_login_timeout,
                     client_idle_timeout: self.client_idle_timeout,
                     pinned_idle_timeout: self.pinned_idle_timeout,
+                    max_pinned: self.max_pinned,
                     idle_transaction_timeout: self.idle_transaction_timeout,
                     query_timeout: self.query_timeout,
                     server_connect_timeout: self.server_connect_timeout,
@@ -155,6 +159,7 @@ pub struct RawShared {
     pub client_login_timeout: Option<Option<Duration>>,
     pub client_idle_timeout: Option<Option<Duration>>,
     pub pinned_idle_timeout: Option<Option<Duration>>,
+    pub max_pinned: Option<u32>,
     pub idle_transaction_timeout: Option<Option<Duration>>,
     pub query_timeout: Option<Option<Duration>>,
     pub server_connect_timeout: Option<Option<Duration>>,
@@ -227,6 +232,9 @@ pub struct RawDatabase {
     pub server_user: Option<String>,
     /// Password for `server_user`.
     pub server_password: Option<String>,
+    /// The `[users.NAME]` whose credentials the database's notification listener logs in
+    /// with (unset: the first subscriber's user).
+    pub listen_user: Option<String>,
 }
 }
 

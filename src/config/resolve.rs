@@ -78,6 +78,16 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
         &mut warnings,
     );
     for db in databases.values() {
+        if let Some(u) = &db.listen_user {
+            if !users.contains_key(u) && !raw.users.contains_key(u) {
+                problems.push(format!(
+                    "databases.{}.listen_user = {u:?}: no [users.{u}] table (the listener logs in with a configured user's credentials)",
+                    db.name
+                ));
+            }
+        }
+    }
+    for db in databases.values() {
         for user in users.values() {
             let s = defaults.for_pool(db, user);
             if s.min_pool_size > s.pool_size {
@@ -231,6 +241,7 @@ fn resolve_tenant(name: &str, t: &RawTenant, raw: &RawConfig, problems: &mut Vec
         weight,
         max_queue: t.max_queue.or(raw.max_queue),
         max_client_conn: t.max_client_conn,
+        max_pinned: t.max_pinned,
         shared,
     })
 }
@@ -303,6 +314,7 @@ fn resolve_database(
             .or(raw.server_connect_concurrency)
             .unwrap_or(defaults::SERVER_CONNECT_CONCURRENCY),
         server_credentials,
+        listen_user: d.listen_user.clone(),
         shared,
     })
 }
@@ -340,6 +352,7 @@ fn resolve_user(
             weight: defaults::WEIGHT,
             max_queue: raw.max_queue,
             max_client_conn: None,
+            max_pinned: None,
             shared: RawShared::default(),
         }),
     };

@@ -66,8 +66,9 @@ impl Listeners {
     }
 
     /// A subscription (listening on nothing yet) for a client of `pool`. The database's hub
-    /// is started if needed; its listener connection logs in as `pool`'s user, the first
-    /// subscriber's. `None` if the pool's database or user is not in the config.
+    /// is started if needed; its listener connection logs in as the database's
+    /// `listen_user`, or else as `pool`'s user, the first subscriber's. `None` if the pool's
+    /// database or user is not in the config.
     pub fn subscribe(&self, pool: &Arc<Pool>) -> Option<Subscription> {
         let hub = {
             let mut hubs = lock(&self.hubs);
@@ -76,8 +77,19 @@ impl Listeners {
                 None => {
                     let config = self.pools.config();
                     let db = config.databases.get(&pool.key.database)?;
-                    let user = config.users.get(&pool.key.user)?;
-                    let listener = self.pools.dedicated(db, user, pool);
+                    let listener = match &db.listen_user {
+                        // The configured listen_user: its own credentials (and the SCRAM
+                        // keys its pool learned, if a client of it logged in).
+                        Some(name) if *name != pool.key.user => {
+                            let user = config.users.get(name)?;
+                            let own = self.pools.get(db, user);
+                            self.pools.dedicated(db, user, &own)
+                        }
+                        _ => {
+                            let user = config.users.get(&pool.key.user)?;
+                            self.pools.dedicated(db, user, pool)
+                        }
+                    };
                     let (tx, rx) = mpsc::unbounded_channel();
                     tokio::spawn(hub::run(listener, rx));
                     let h = Arc::new(Hub {

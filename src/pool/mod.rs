@@ -13,6 +13,7 @@ mod guard;
 pub mod health;
 pub mod key;
 mod maintenance;
+pub mod pin_budget;
 pub mod slots;
 pub mod stats;
 pub mod tenant;
@@ -73,6 +74,8 @@ pub struct Pool {
     pub reset_query: String,
     /// Counters.
     pub stats: PoolStats,
+    /// Its `max_pinned` and its tenant's.
+    pub pin_budget: pin_budget::PinBudget,
     /// The plan epoch naming its clients' shared prepared statements.
     pub plans: Arc<crate::prepared::PlanEpoch>,
     params: Mutex<Option<Arc<ServerParams>>>,
@@ -106,6 +109,12 @@ impl Pool {
         settings: PoolSettings,
     ) -> Pool {
         let tenant_name: Arc<str> = Arc::from(user.tenant.name.as_str());
+        let pin_budget = pin_budget::PinBudget::new(
+            settings.max_pinned,
+            &format!("{}/{}", db.name, user.name),
+            tenant.pinned.clone(),
+            &user.tenant.name,
+        );
         let idx = slots.add_pool(&user.tenant, tenant, &settings);
         let (server_user, creds) = match (&db.server_credentials, &user.server_password) {
             (Some((u, p)), _) => (u.clone(), LoginCredentials::Password(p.clone())),
@@ -137,6 +146,7 @@ impl Pool {
             suspicion: std::sync::atomic::AtomicU64::new(0),
             reset_query: config.server_reset_query.clone(),
             stats: PoolStats::default(),
+            pin_budget,
             plans: Arc::default(),
             params: Mutex::new(None),
             replayable: Mutex::new(None),
@@ -451,7 +461,13 @@ impl Pools {
     pub fn tenant(&self, tenant: &Tenant) -> Arc<TenantState> {
         lock(&self.tenants)
             .entry(tenant.name.clone())
-            .or_insert_with(|| Arc::new(TenantState::with_caps(tenant.max_queue, tenant.max_client_conn)))
+            .or_insert_with(|| {
+                Arc::new(TenantState::with_caps(
+                    tenant.max_queue,
+                    tenant.max_client_conn,
+                    tenant.max_pinned,
+                ))
+            })
             .clone()
     }
 

@@ -70,6 +70,10 @@ pub struct PoolStats {
     pub idle_transaction_timeouts: AtomicU64,
     /// Clients disconnected by `client_idle_timeout`.
     pub client_idle_timeouts: AtomicU64,
+    /// Pinned clients disconnected by `pinned_idle_timeout`.
+    pub pinned_idle_timeouts: AtomicU64,
+    /// Statements refused because the pool's or its tenant's `max_pinned` was reached.
+    pub pin_refusals: AtomicU64,
     /// Prepared statements a server connection already had.
     pub prepared_hits: AtomicU64,
     /// Prepared statements that had to be (re-)prepared on a server connection.

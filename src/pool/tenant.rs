@@ -33,6 +33,11 @@ impl Capped {
             .map_err(|_| cap)
     }
 
+    /// Counts one more, cap or not.
+    pub fn add(&self) {
+        self.current.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Counts one less.
     pub fn sub(&self) {
         let _ = self
@@ -61,6 +66,12 @@ impl Ticket {
         c.try_add()?;
         Ok(Ticket(c.clone()))
     }
+
+    /// Takes a unit of `c` even past its cap (for what is already there).
+    pub fn force(c: &Arc<Capped>) -> Ticket {
+        c.add();
+        Ticket(c.clone())
+    }
 }
 
 impl Drop for Ticket {
@@ -76,22 +87,26 @@ pub struct TenantState {
     pub queued: Capped,
     /// Its clients connected, against its `max_client_conn`.
     pub clients: Arc<Capped>,
+    /// Its clients pinned (or running a statement that may pin), against its `max_pinned`.
+    pub pinned: Arc<Capped>,
 }
 
 impl TenantState {
     /// A tenant allowing `max_queue` queued clients (`None`: no cap).
     pub fn new(max_queue: Option<u32>) -> TenantState {
-        TenantState {
-            queued: Capped::new(max_queue),
-            clients: Arc::new(Capped::new(None)),
-        }
+        TenantState::with_caps(max_queue, None, None)
     }
 
-    /// A tenant with both caps.
-    pub fn with_caps(max_queue: Option<u32>, max_client_conn: Option<u32>) -> TenantState {
+    /// A tenant with its caps on queued, connected and pinned clients.
+    pub fn with_caps(
+        max_queue: Option<u32>,
+        max_client_conn: Option<u32>,
+        max_pinned: Option<u32>,
+    ) -> TenantState {
         TenantState {
             queued: Capped::new(max_queue),
             clients: Arc::new(Capped::new(max_client_conn)),
+            pinned: Arc::new(Capped::new(max_pinned)),
         }
     }
 

@@ -32,6 +32,9 @@ impl Effects {
     pub const UNTRACKED: Effects = Effects(4);
     /// Loads a library (`LOAD`): pinned, and the connection is not reused afterwards.
     pub const LOAD: Effects = Effects(8);
+    /// The text was not read (too long, or a statement the proxy does not map): it may
+    /// create observable state (with `STATE`), which only the probe will tell.
+    pub const UNREAD: Effects = Effects(16);
 
     /// Whether any finding of `other` is in `self`.
     pub fn has(self, other: Effects) -> bool {

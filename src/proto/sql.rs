@@ -33,6 +33,12 @@ pub enum SessionCommand {
     /// `SELECT set_config(…)` with parameters: a `Set` or `Reset` once a Bind brings them
     /// (`proto::set_config`).
     SetConfig(ConfigCall),
+    /// `SAVEPOINT name`.
+    Savepoint(String),
+    /// `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name`: undoes what ran since.
+    RollbackTo(String),
+    /// `RELEASE [SAVEPOINT] name`.
+    Release(String),
 }
 
 /// Classifies one statement; `None` when it is anything else (including several statements,
@@ -57,20 +63,53 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
             ListenCommand::Listen(_) => None,
         };
     }
-    if !["set", "reset", "discard", "deallocate"]
-        .iter()
-        .any(|k| first.eq_ignore_ascii_case(k))
-    {
+    const FIRST: [&str; 7] = [
+        "set",
+        "reset",
+        "discard",
+        "deallocate",
+        "savepoint",
+        "rollback",
+        "release",
+    ];
+    if !FIRST.iter().any(|k| first.eq_ignore_ascii_case(k)) {
         return None;
     }
     let stmt = single_statement(sql)?;
     let mut w = Words::new(stmt);
     // Most statements are none of these: decided from the first word, without allocating.
     let first = w.keyword()?;
-    let first = ["set", "reset", "discard", "deallocate"]
-        .into_iter()
-        .find(|k| first.eq_ignore_ascii_case(k))?;
+    let first = FIRST.into_iter().find(|k| first.eq_ignore_ascii_case(k))?;
     match first {
+        "savepoint" => savepoint_name(&mut w).map(SessionCommand::Savepoint),
+        "release" => {
+            let mut probe = Words::new(w.rest());
+            if probe
+                .keyword()
+                .is_some_and(|k| k.eq_ignore_ascii_case("savepoint"))
+            {
+                w = probe;
+            }
+            savepoint_name(&mut w).map(SessionCommand::Release)
+        }
+        "rollback" => {
+            // ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name
+            let mut kw = w.keyword()?;
+            if kw.eq_ignore_ascii_case("work") || kw.eq_ignore_ascii_case("transaction") {
+                kw = w.keyword()?;
+            }
+            if !kw.eq_ignore_ascii_case("to") {
+                return None;
+            }
+            let mut probe = Words::new(w.rest());
+            if probe
+                .keyword()
+                .is_some_and(|k| k.eq_ignore_ascii_case("savepoint"))
+            {
+                w = probe;
+            }
+            savepoint_name(&mut w).map(SessionCommand::RollbackTo)
+        }
         "set" => {
             let mut name = w.ident()?;
             if name == "session" {
@@ -155,6 +194,12 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
         }
         _ => None,
     }
+}
+
+/// A savepoint's name, the statement's last word: folded like an identifier.
+fn savepoint_name(w: &mut Words) -> Option<String> {
+    let name = w.ident_quoted()?.0;
+    (w.rest().trim().is_empty() && !name.is_empty()).then(|| truncate_identifier(name))
 }
 
 /// `LISTEN channel`, `UNLISTEN channel` or `UNLISTEN *`, alone in a query text.
@@ -419,6 +464,30 @@ mod tests {
             "LISTEN a.b",
         ] {
             assert_eq!(listen_command(not), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn recognises_savepoint_statements() {
+        let sp = |n: &str| Some(Savepoint(n.into()));
+        assert_eq!(classify("SAVEPOINT a"), sp("a"));
+        assert_eq!(classify(" savepoint \"B c\";"), sp("B c"));
+        assert_eq!(classify("ROLLBACK TO SAVEPOINT a"), Some(RollbackTo("a".into())));
+        assert_eq!(classify("rollback to A"), Some(RollbackTo("a".into())));
+        assert_eq!(
+            classify("ROLLBACK TRANSACTION TO SAVEPOINT x1"),
+            Some(RollbackTo("x1".into()))
+        );
+        assert_eq!(classify("RELEASE SAVEPOINT a"), Some(Release("a".into())));
+        assert_eq!(classify("release a"), Some(Release("a".into())));
+        for not in [
+            "ROLLBACK",
+            "ROLLBACK PREPARED 'x'",
+            "SAVEPOINT a; SELECT 1",
+            "SAVEPOINT",
+            "ROLLBACK TO",
+        ] {
+            assert_eq!(classify(not), None, "{not}");
         }
     }
 

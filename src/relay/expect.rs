@@ -137,6 +137,10 @@ pub enum Tag {
     Reset,
     /// `SELECT 1`: what a `SELECT set_config(…)` answers.
     SelectOne,
+    /// SAVEPOINT.
+    Savepoint,
+    /// RELEASE (a savepoint).
+    Release,
     /// Anything else.
     Other,
 }
@@ -155,6 +159,8 @@ impl Tag {
             b"SET" => Tag::Set,
             b"RESET" => Tag::Reset,
             b"SELECT 1" => Tag::SelectOne,
+            b"SAVEPOINT" => Tag::Savepoint,
+            b"RELEASE" => Tag::Release,
             _ => Tag::Other,
         }
     }
@@ -312,6 +318,7 @@ pub fn on_ready(view: &mut SessionView, status: u8) -> bool {
     if status == b'I' {
         // Anything still pending from a block that ended without COMMIT is gone.
         view.in_block.clear();
+        view.savepoints.clear();
         view.block_open = false;
     } else {
         view.block_open = true;
@@ -328,7 +335,20 @@ fn on_command_complete(
     match tag {
         Tag::Begin => view.block_open = true,
         Tag::Commit => view.committed(server),
-        Tag::Rollback => view.rolled_back(),
+        // ROLLBACK TO SAVEPOINT answers ROLLBACK too, and keeps the block open.
+        Tag::Rollback => match &cmd {
+            Some(SessionCommand::RollbackTo(name)) => view.rolled_back_to(name),
+            _ => view.rolled_back(),
+        },
+        Tag::Savepoint => view.savepoint(match &cmd {
+            Some(SessionCommand::Savepoint(name)) => Some(name.clone()),
+            _ => None,
+        }),
+        Tag::Release => {
+            if let Some(SessionCommand::Release(name)) = &cmd {
+                view.released(name);
+            }
+        }
         // Whoever sent it, the server's state is back to its login state.
         Tag::DiscardAll => {
             server.discarded();

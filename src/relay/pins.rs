@@ -5,6 +5,7 @@
 //! releases the connection by the answer.
 
 use crate::config::SessionState;
+use crate::pool::pin_budget::{PinBudget, PinLimit, PinSlot};
 use crate::proto::effects::Effects;
 
 /// One query the proxy runs on a server connection after a transaction that may have created
@@ -26,7 +27,7 @@ const KINDS: [(u32, &str); 5] = [
 ];
 
 /// A client's pinning state.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Pins {
     /// What the requests of the current transaction may have done.
     pending: Effects,
@@ -39,6 +40,11 @@ pub struct Pins {
     loaded: bool,
     /// `session_state`: what becomes of statements that leave session state.
     policy: SessionState,
+    /// `max_pinned` of the client's pool and tenant.
+    budget: PinBudget,
+    /// The client's place in `budget`: taken before a statement that may pin runs, kept
+    /// while pinned.
+    slot: Option<PinSlot>,
 }
 
 impl Pins {
@@ -50,6 +56,41 @@ impl Pins {
     /// `session_state = "reject"`: statements that would leave session state are refused.
     pub fn rejects(&self) -> bool {
         self.policy == SessionState::Reject
+    }
+
+    /// Counts the client's pins against `budget` from now on.
+    pub fn set_budget(&mut self, budget: PinBudget) {
+        self.budget = budget;
+    }
+
+    /// Before a request that may pin runs: takes the client's place among the pinned clients
+    /// of its pool and tenant, unless a `max_pinned` is reached (then the request is refused
+    /// with 53300). Texts not read (`Effects::UNREAD`) are let through: the probe decides.
+    pub fn admit(&mut self, effects: Effects) -> Result<(), PinLimit> {
+        if self.policy != SessionState::Pin
+            || self.slot.is_some()
+            || !effects.leaves_state()
+            || effects.has(Effects::UNREAD)
+        {
+            return Ok(());
+        }
+        self.slot = Some(self.budget.try_take()?);
+        Ok(())
+    }
+
+    /// After the transaction's probe: a pinned client keeps its place (taking one past the
+    /// caps if it had none); an unpinned one gives it back.
+    pub fn settled(&mut self) {
+        if !self.pinned() {
+            self.slot = None;
+        } else if self.slot.is_none() {
+            self.slot = Some(self.budget.take_anyway());
+        }
+    }
+
+    /// The client is leaving: its place among the pinned clients is given back.
+    pub fn left(&mut self) {
+        self.slot = None;
     }
 
     /// A request's text may have these effects (`session_state = "allow"`: ignored, nothing

@@ -9,6 +9,7 @@ use bytes::{Buf, BufMut, BytesMut};
 
 use super::expect::{Expect, Restore, Sent, Synth};
 use super::view::SessionView;
+use crate::pool::pin_budget::{PinLimit, PIN_LIMIT_HINT};
 use crate::prepared::{Presence, Statement};
 use crate::proto::backend::{put_cstr, PgError, Severity};
 use crate::proto::effects::{effects, Effects};
@@ -102,7 +103,7 @@ pub fn handle(
             if h.body_len > CLASSIFY_LIMIT {
                 if flags.track {
                     // Too long to look at: it may create state, so the session is probed.
-                    view.pins.note(Effects::STATE);
+                    view.pins.note(Effects::STATE | Effects::UNREAD);
                 }
                 view.owe(Expect::Query(None));
                 return Ok(forward(buf, h, server));
@@ -113,11 +114,19 @@ pub fn handle(
             let cmd = if flags.track {
                 let text = Reader::new(body).cstr("query")?;
                 let fx = effects(text);
-                if view.pins.rejects() && fx.leaves_state() {
-                    // The backend raises the refusal itself, so a transaction block fails
-                    // with it exactly as it would with any error.
+                // A refusal is raised by the backend itself, so a transaction block fails with
+                // it exactly as it would with any error.
+                let refusal = if view.pins.rejects() && fx.leaves_state() {
+                    Some(reject_query())
+                } else {
+                    view.pins.admit(fx).err().map(|limit| {
+                        view.counters.pin_refusals += 1;
+                        pin_limit_query(&limit)
+                    })
+                };
+                if let Some(raise) = refusal {
                     buf.advance(h.total_len());
-                    crate::proto::frontend::query(&mut server.wbuf, &reject_query());
+                    crate::proto::frontend::query(&mut server.wbuf, &raise);
                     view.owe(Expect::Query(None));
                     return Ok(Step::Done { stream: 0 });
                 }
@@ -212,7 +221,7 @@ fn extended(
                 } else {
                     view.unnamed_statement = None;
                     view.unnamed_effects = if flags.track {
-                        Effects::STATE
+                        Effects::STATE | Effects::UNREAD
                     } else {
                         Effects::NONE
                     };
@@ -279,11 +288,17 @@ fn extended(
                     }
                 };
                 if stmt_name.is_empty() {
+                    if let Err(limit) = view.pins.admit(view.unnamed_effects) {
+                        let step = drop_message(buf, h);
+                        view.counters.pin_refusals += 1;
+                        refuse(view, flags, limit.to_pg_error());
+                        return Ok(step);
+                    }
                     view.pins.note(view.unnamed_effects);
                 } else if flags.track {
                     // A named statement the proxy does not map (`max_prepared_statements = 0`):
                     // its text was not read, so it may create state.
-                    view.pins.note(Effects::STATE);
+                    view.pins.note(Effects::STATE | Effects::UNREAD);
                 }
                 if portal_unnamed {
                     view.unnamed_portal = command;
@@ -305,6 +320,12 @@ fn extended(
                 refuse(view, flags, err);
                 return Ok(step);
             };
+            if let Err(limit) = view.pins.admit(stmt.effects) {
+                let step = drop_message(buf, h);
+                view.counters.pin_refusals += 1;
+                refuse(view, flags, limit.to_pg_error());
+                return Ok(step);
+            }
             let command = match bound_command(stmt.command.as_ref(), h, buf) {
                 Bound::NeedMore => return Ok(Step::NeedMore(h.total_len())),
                 Bound::Command(c) => c,
@@ -556,9 +577,22 @@ fn state_refused() -> PgError {
 
 /// The refusal of `session_state = "reject"`, as a query that makes the backend raise it.
 fn reject_query() -> String {
+    raise_query("feature_not_supported", STATE_REFUSED, STATE_REFUSED_HINT)
+}
+
+/// A `max_pinned` refusal, as a query that makes the backend raise it.
+fn pin_limit_query(limit: &PinLimit) -> String {
+    raise_query("too_many_connections", &limit.message(), PIN_LIMIT_HINT)
+}
+
+/// A query whose only effect is the backend raising this error (`condition`: a PL/pgSQL
+/// condition name).
+fn raise_query(condition: &str, message: &str, hint: &str) -> String {
+    let literal = |s: &str| s.replace('\'', "''").replace("$pgsluice$", "$ pgsluice$");
     format!(
-        "DO $pgsluice$BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = '{STATE_REFUSED}', HINT = '{}'; END$pgsluice$",
-        STATE_REFUSED_HINT.replace('\'', "''")
+        "DO $pgsluice$BEGIN RAISE EXCEPTION USING ERRCODE = '{condition}', MESSAGE = '{}', HINT = '{}'; END$pgsluice$",
+        literal(message),
+        literal(hint)
     )
 }
 

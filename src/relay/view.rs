@@ -13,6 +13,11 @@ use crate::proto::sql::{ROLE, SESSION_AUTHORIZATION};
 use crate::server::ServerConn;
 use crate::settings::{survives_reset_all, SettingValue, Settings};
 
+/// Session commands followed inside one transaction block.
+const MAX_IN_BLOCK: usize = 4096;
+/// Savepoints followed inside one transaction block.
+const MAX_SAVEPOINTS: usize = 4096;
+
 /// Prepared-statement cache counters since the last time they were collected.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StatementCounters {
@@ -24,6 +29,8 @@ pub struct StatementCounters {
     pub evictions: u64,
     /// Queries cancelled by `query_timeout`.
     pub query_timeouts: u64,
+    /// Statements refused because a `max_pinned` was reached.
+    pub pin_refusals: u64,
 }
 
 /// A client's session as the proxy keeps it.
@@ -52,7 +59,11 @@ pub struct SessionView {
     /// `notify::MAX_CHANNELS` (as many as it can listen on there).
     pub unlistened: Vec<Option<String>>,
     /// Session commands run inside the open transaction block: they take effect at COMMIT.
+    /// At most `MAX_IN_BLOCK`; past that the client is pinned (its view no longer matters).
     pub(super) in_block: Vec<SessionCommand>,
+    /// The block's savepoints, oldest first, each with the length of `in_block` when it was
+    /// set (a `ROLLBACK TO` undoes the commands after it); at most `MAX_SAVEPOINTS`.
+    pub(super) savepoints: Vec<(String, usize)>,
     /// Whether a transaction block is open (from BEGIN/COMMIT/ROLLBACK tags and ReadyForQuery).
     pub(super) block_open: bool,
     /// After RESET ALL / DISCARD ALL, the backend reports the defaults; the client's startup
@@ -147,6 +158,7 @@ impl SessionView {
         self.tx_status = status;
         self.lost_block = status == b'E';
         self.in_block.clear();
+        self.savepoints.clear();
         self.block_open = false;
         self.resetting = false;
         self.clear_owed();
@@ -178,14 +190,54 @@ impl SessionView {
     /// inside one at COMMIT.
     pub(super) fn completed(&mut self, server: &mut ServerConn, cmd: SessionCommand) {
         if self.block_open {
-            self.in_block.push(cmd);
+            if self.in_block.len() < MAX_IN_BLOCK {
+                self.in_block.push(cmd);
+            } else {
+                self.pins.note(Effects::UNTRACKED);
+            }
         } else {
             self.apply(server, cmd);
         }
     }
 
+    /// A `SAVEPOINT` completed inside the block (`None`: one whose name the proxy did not
+    /// read, in a multi-statement query).
+    pub(super) fn savepoint(&mut self, name: Option<String>) {
+        if self.savepoints.len() < MAX_SAVEPOINTS {
+            self.savepoints
+                .push((name.unwrap_or_default(), self.in_block.len()));
+        } else {
+            // Too many to follow: a later ROLLBACK TO it is not found, and pins.
+            self.pins.note(Effects::UNTRACKED);
+        }
+    }
+
+    /// `RELEASE name` completed: that savepoint and the later ones are gone, what ran since
+    /// them stays part of the block.
+    pub(super) fn released(&mut self, name: &str) {
+        if let Some(i) = self.savepoints.iter().rposition(|(n, _)| n == name) {
+            self.savepoints.truncate(i);
+        }
+    }
+
+    /// `ROLLBACK TO name` completed: the block's session commands since that savepoint are
+    /// undone by the backend; the savepoint stays, later ones are gone. A savepoint the proxy
+    /// did not follow leaves it not knowing which commands survived: the client is pinned.
+    pub(super) fn rolled_back_to(&mut self, name: &str) {
+        match self.savepoints.iter().rposition(|(n, _)| n == name) {
+            Some(i) => {
+                let mark = self.savepoints.get(i).map_or(0, |(_, m)| *m);
+                self.savepoints.truncate(i + 1);
+                self.in_block.truncate(mark);
+            }
+            None if !self.in_block.is_empty() => self.pins.note(Effects::UNTRACKED),
+            None => {}
+        }
+    }
+
     /// The open block committed: its session commands take effect.
     pub(super) fn committed(&mut self, server: &mut ServerConn) {
+        self.savepoints.clear();
         for cmd in std::mem::take(&mut self.in_block) {
             self.apply(server, cmd);
         }
@@ -195,6 +247,7 @@ impl SessionView {
     /// The open block rolled back: the backend undid its commands itself.
     pub(super) fn rolled_back(&mut self) {
         self.in_block.clear();
+        self.savepoints.clear();
         self.block_open = false;
     }
 
@@ -232,7 +285,12 @@ impl SessionView {
                 server.prepared.clear();
             }
             // A parameterised set_config is resolved at Bind; DEALLOCATE is the relay's.
-            SessionCommand::Deallocate(_) | SessionCommand::SetConfig(_) => {}
+            // Savepoints are followed from their tags (expect.rs).
+            SessionCommand::Deallocate(_)
+            | SessionCommand::SetConfig(_)
+            | SessionCommand::Savepoint(_)
+            | SessionCommand::RollbackTo(_)
+            | SessionCommand::Release(_) => {}
             SessionCommand::Unlisten(channel) => {
                 if self.unlistened.len() < crate::notify::MAX_CHANNELS && !self.unlistened.contains(&channel)
                 {
