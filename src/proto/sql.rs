@@ -46,8 +46,14 @@ pub enum SessionCommand {
 /// last only as long as the transaction). `SET ROLE` and `SET SESSION AUTHORIZATION` (and
 /// their RESETs) are the settings `role` and `session_authorization`.
 pub fn classify(sql: &str) -> Option<SessionCommand> {
-    let (first, _) = split_word(skip_comments(sql)?);
+    let (first, after) = split_word(skip_comments(sql)?);
     if first.eq_ignore_ascii_case("select") {
+        // Almost every statement: decided from the next word's first bytes.
+        let next = after.trim_ascii_start().as_bytes();
+        let starts = |w: &[u8]| next.get(..w.len()).is_some_and(|n| n.eq_ignore_ascii_case(w));
+        if !(starts(b"set_config") || starts(b"pg_catalog") || starts(b"/*") || starts(b"--")) {
+            return None;
+        }
         let call = set_config::call(sql)?;
         if call.has_params() {
             return Some(SessionCommand::SetConfig(call));
@@ -81,17 +87,8 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
     let first = w.keyword()?;
     let first = FIRST.into_iter().find(|k| first.eq_ignore_ascii_case(k))?;
     match first {
-        "savepoint" => savepoint_name(&mut w).map(SessionCommand::Savepoint),
-        "release" => {
-            let mut probe = Words::new(w.rest());
-            if probe
-                .keyword()
-                .is_some_and(|k| k.eq_ignore_ascii_case("savepoint"))
-            {
-                w = probe;
-            }
-            savepoint_name(&mut w).map(SessionCommand::Release)
-        }
+        "savepoint" => savepoint_name(&mut w, false).map(SessionCommand::Savepoint),
+        "release" => savepoint_name(&mut w, true).map(SessionCommand::Release),
         "rollback" => {
             // ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name
             let mut kw = w.keyword()?;
@@ -101,14 +98,7 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
             if !kw.eq_ignore_ascii_case("to") {
                 return None;
             }
-            let mut probe = Words::new(w.rest());
-            if probe
-                .keyword()
-                .is_some_and(|k| k.eq_ignore_ascii_case("savepoint"))
-            {
-                w = probe;
-            }
-            savepoint_name(&mut w).map(SessionCommand::RollbackTo)
+            savepoint_name(&mut w, true).map(SessionCommand::RollbackTo)
         }
         "set" => {
             let mut name = w.ident()?;
@@ -196,8 +186,18 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
     }
 }
 
-/// A savepoint's name, the statement's last word: folded like an identifier.
-fn savepoint_name(w: &mut Words) -> Option<String> {
+/// A savepoint's name, the statement's last word: folded like an identifier. With
+/// `keyword_optional`, after an optional `SAVEPOINT` (`RELEASE [SAVEPOINT] name`).
+fn savepoint_name(w: &mut Words, keyword_optional: bool) -> Option<String> {
+    if keyword_optional {
+        let mut probe = Words::new(w.rest());
+        if probe
+            .keyword()
+            .is_some_and(|k| k.eq_ignore_ascii_case("savepoint"))
+        {
+            *w = probe;
+        }
+    }
     let name = w.ident_quoted()?.0;
     (w.rest().trim().is_empty() && !name.is_empty()).then(|| truncate_identifier(name))
 }
