@@ -202,9 +202,17 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
             continue;
         }
         if tag == b'Q' && mode == Mode::Transaction && pinned.server.is_none() {
-            if let Some(cmd) = take_listen_command(io).await? {
-                answer_listen(io, s, listen, cmd).await?;
-                continue;
+            match take_listen_command(io, idle_until).await? {
+                Taken::Listen(cmd) => {
+                    answer_listen(io, s, listen, cmd).await?;
+                    continue;
+                }
+                Taken::IdleTimeout => {
+                    PoolStats::bump(&s.pool.stats.client_idle_timeouts);
+                    let limit = limits.client_idle_timeout.unwrap_or_default();
+                    return fatal(io, ClientError::IdleTimeout(limit)).await;
+                }
+                Taken::Other => {}
             }
         }
         let mut server = match pinned.server.take() {
@@ -610,14 +618,26 @@ fn overflowed() -> ClientError {
 /// Longest simple query looked at for LISTEN / UNLISTEN before a transaction.
 const LISTEN_TEXT_LIMIT: usize = 1024;
 
+/// What `take_listen_command` found.
+enum Taken {
+    /// A LISTEN / UNLISTEN for the hub (consumed).
+    Listen(ListenCommand),
+    /// Something else, left for the relay.
+    Other,
+    /// The rest of the message did not come within `client_idle_timeout`.
+    IdleTimeout,
+}
+
 /// Takes the client's next message if it is a simple-query `LISTEN` / `UNLISTEN` the hub
-/// serves (the message is then consumed); anything else is left for the relay.
+/// serves (the message is then consumed); anything else is left for the relay. The rest of
+/// a message that may be one is awaited until `idle_until`, as an idle client is.
 async fn take_listen_command<C: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<C>,
-) -> Result<Option<ListenCommand>, Gone> {
+    idle_until: Option<Instant>,
+) -> Result<Taken, Gone> {
     let total = match parse_header(&io.inbuf, io.max_body) {
         Ok(Some(h)) if h.body_len <= LISTEN_TEXT_LIMIT => h.total_len(),
-        _ => return Ok(None),
+        _ => return Ok(Taken::Other),
     };
     // Most queries are decided from their first bytes.
     let head = io
@@ -625,20 +645,28 @@ async fn take_listen_command<C: AsyncRead + AsyncWrite + Unpin>(
         .get(HEADER_LEN..io.inbuf.len().min(total))
         .unwrap_or_default();
     if !may_be_listen(head) {
-        return Ok(None);
+        return Ok(Taken::Other);
     }
     while io.inbuf.len() < total {
-        io.fill().await?;
+        match idle_until {
+            None => io.fill().await?,
+            Some(at) => match tokio::time::timeout_at(at, io.fill()).await {
+                Ok(r) => r?,
+                Err(_) => return Ok(Taken::IdleTimeout),
+            },
+        }
     }
     let text = io
         .inbuf
         .get(HEADER_LEN..total - 1)
         .and_then(|t| std::str::from_utf8(t).ok());
-    let cmd = text.and_then(listen_command);
-    if cmd.is_some() {
-        bytes::Buf::advance(&mut io.inbuf, total);
+    match text.and_then(listen_command) {
+        Some(cmd) => {
+            bytes::Buf::advance(&mut io.inbuf, total);
+            Ok(Taken::Listen(cmd))
+        }
+        None => Ok(Taken::Other),
     }
-    Ok(cmd)
 }
 
 /// Whether a query text starting with `head` may be a LISTEN or UNLISTEN (comments first, or

@@ -274,37 +274,18 @@ fn extended(
             let stmt_name = r.cstr("statement name")?;
             let portal_unnamed = portal.is_empty();
             if stmt_name.is_empty() || !track {
-                let command = if stmt_name.is_empty() {
-                    bound_command(view.unnamed_statement.as_ref(), h, buf)
-                } else {
-                    Bound::Command(None)
-                };
-                let command = match command {
-                    Bound::NeedMore => return Ok(Step::NeedMore(h.total_len())),
-                    Bound::Command(c) => c,
-                    Bound::Untracked => {
-                        view.pins.note(Effects::UNTRACKED);
-                        None
-                    }
-                };
-                if stmt_name.is_empty() {
-                    if let Err(limit) = view.pins.admit(view.unnamed_effects) {
-                        let step = drop_message(buf, h);
-                        view.counters.pin_refusals += 1;
-                        refuse(view, flags, limit.to_pg_error());
-                        return Ok(step);
-                    }
-                    view.pins.note(view.unnamed_effects);
+                let (bound, effects) = if stmt_name.is_empty() {
+                    let bound = bound_command(view.unnamed_statement.as_ref(), h, buf);
+                    (bound, view.unnamed_effects)
                 } else if flags.track {
                     // A named statement the proxy does not map (`max_prepared_statements = 0`):
                     // its text was not read, so it may create state.
-                    view.pins.note(Effects::STATE | Effects::UNREAD);
-                }
-                if portal_unnamed {
-                    view.unnamed_portal = command;
-                } else if command.is_some() {
-                    // Only the unnamed portal's command is followed to its Execute.
-                    view.pins.note(Effects::UNTRACKED);
+                    (Some(Bound::Command(None)), Effects::STATE | Effects::UNREAD)
+                } else {
+                    (Some(Bound::Command(None)), Effects::NONE)
+                };
+                if let Err(stop) = bind_portal(view, portal_unnamed, bound, effects) {
+                    return Ok(stop.answer(view, flags, buf, h));
                 }
                 view.owe(Expect::Bind);
                 return Ok(forward(buf, h, server));
@@ -320,26 +301,10 @@ fn extended(
                 refuse(view, flags, err);
                 return Ok(step);
             };
-            if let Err(limit) = view.pins.admit(stmt.effects) {
-                let step = drop_message(buf, h);
-                view.counters.pin_refusals += 1;
-                refuse(view, flags, limit.to_pg_error());
-                return Ok(step);
+            let bound = bound_command(stmt.command.as_ref(), h, buf);
+            if let Err(stop) = bind_portal(view, portal_unnamed, bound, stmt.effects) {
+                return Ok(stop.answer(view, flags, buf, h));
             }
-            let command = match bound_command(stmt.command.as_ref(), h, buf) {
-                Bound::NeedMore => return Ok(Step::NeedMore(h.total_len())),
-                Bound::Command(c) => c,
-                Bound::Untracked => {
-                    view.pins.note(Effects::UNTRACKED);
-                    None
-                }
-            };
-            if portal_unnamed {
-                view.unnamed_portal = command;
-            } else if command.is_some() {
-                view.pins.note(Effects::UNTRACKED);
-            }
-            view.pins.note(stmt.effects);
             ensure_prepared(view, server, &stmt);
             // Rewrite the head (portal, statement name); the parameters stream through.
             let old_head = portal.len() + 1 + stmt_name.len() + 1;
@@ -435,29 +400,79 @@ fn extended(
 /// The session command a Bind gives its portal, from its statement's.
 enum Bound {
     Command(Option<SessionCommand>),
-    /// The whole Bind is needed to resolve it.
-    NeedMore,
     /// A setting whose value the proxy cannot know: the client is pinned.
     Untracked,
 }
 
 /// The statement's command as the portal runs it: a parameterised `set_config` resolved from
-/// the Bind's values (the whole message is read, when it is small enough to look at).
-fn bound_command(command: Option<&SessionCommand>, h: Header, buf: &BytesMut) -> Bound {
+/// the Bind's values (the whole message is read, when it is small enough to look at; `None`
+/// until it has arrived).
+fn bound_command(command: Option<&SessionCommand>, h: Header, buf: &BytesMut) -> Option<Bound> {
     let Some(SessionCommand::SetConfig(call)) = command else {
-        return Bound::Command(command.cloned());
+        return Some(Bound::Command(command.cloned()));
     };
     if h.body_len > CLASSIFY_LIMIT {
-        return Bound::Untracked;
+        return Some(Bound::Untracked);
     }
-    let Some(body) = buf.get(HEADER_LEN..h.total_len()) else {
-        return Bound::NeedMore;
-    };
-    match call.resolve(|n| set_config::bind_param(body, n)) {
+    let body = buf.get(HEADER_LEN..h.total_len())?;
+    Some(match call.resolve(|n| set_config::bind_param(body, n)) {
         Resolved::Session(cmd) => Bound::Command(Some(cmd)),
         Resolved::Local => Bound::Command(None),
         Resolved::Unknown => Bound::Untracked,
+    })
+}
+
+/// Why a Bind is not forwarded (yet).
+enum BindStop {
+    /// The whole message is needed to read its parameters.
+    NeedMore,
+    /// Refused: a `max_pinned` is reached.
+    Refused(PgError),
+}
+
+impl BindStop {
+    /// The step that answers the Bind instead of forwarding it.
+    fn answer(self, view: &mut SessionView, flags: &mut Flags, buf: &mut BytesMut, h: Header) -> Step {
+        match self {
+            BindStop::NeedMore => Step::NeedMore(h.total_len()),
+            BindStop::Refused(e) => {
+                let step = drop_message(buf, h);
+                refuse(view, flags, e);
+                step
+            }
+        }
     }
+}
+
+/// A Bind of a statement whose text may have `effects` (`bound`: its portal's command,
+/// `None` until the whole message arrived): refused with 53300 when it may pin and a
+/// `max_pinned` is reached; otherwise its effects are noted and the portal's command recorded
+/// (only the unnamed portal's is followed to its Execute; a command in another one pins).
+fn bind_portal(
+    view: &mut SessionView,
+    portal_unnamed: bool,
+    bound: Option<Bound>,
+    effects: Effects,
+) -> Result<(), BindStop> {
+    let bound = bound.ok_or(BindStop::NeedMore)?;
+    if let Err(limit) = view.pins.admit(effects) {
+        view.counters.pin_refusals += 1;
+        return Err(BindStop::Refused(limit.to_pg_error()));
+    }
+    view.pins.note(effects);
+    let command = match bound {
+        Bound::Command(c) => c,
+        Bound::Untracked => {
+            view.pins.note(Effects::UNTRACKED);
+            None
+        }
+    };
+    if portal_unnamed {
+        view.unnamed_portal = command;
+    } else if command.is_some() {
+        view.pins.note(Effects::UNTRACKED);
+    }
+    Ok(())
 }
 
 /// Makes sure the current server has `stmt`, injecting its Parse (whose ParseComplete the
