@@ -248,3 +248,149 @@ async fn the_listener_logs_in_as_listen_user() {
     assert_eq!(listening_as(&role), "1");
     assert_eq!(listener_backends(&db), 0);
 }
+
+/// The channel and payload of a NotificationResponse read by a raw client.
+fn raw_notification(m: &support::raw::Msg) -> (String, String) {
+    assert_eq!(m.tag, b'A', "{m:?}");
+    let rest = &m.body[4..];
+    let mut parts = rest
+        .split(|&b| b == 0)
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    (parts.next().unwrap(), parts.next().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_inside_a_block_and_through_the_extended_protocol_pins_nobody() {
+    use support::raw::{bind, describe, execute, parse, show, sync};
+    let db = TestDb::new("listen_block");
+    let proxy = proxy(&db, 2).await;
+    let url = db.url(&proxy);
+    let pool = || proxy.pools().all()[0].clone();
+    let (a, mut rx) = listener(&url).await;
+    let n = connect(&url).await;
+    let nobody_else_listens = || async {
+        assert_eq!(
+            pool().stats.pinned_clients.load(Ordering::Relaxed),
+            0,
+            "LISTEN pins nobody"
+        );
+        // Both server connections of the pool: n holds one, the other is checked by b.
+        assert_eq!(
+            value(&n, "select count(*) from pg_listening_channels()").await,
+            "0"
+        );
+    };
+
+    // Committed: subscribed; nothing runs on a server connection.
+    a.simple_query("BEGIN").await.unwrap();
+    a.simple_query("LISTEN blk").await.unwrap();
+    assert_eq!(
+        value(&a, "select count(*) from pg_listening_channels()").await,
+        "0"
+    );
+    a.simple_query("COMMIT").await.unwrap();
+    nobody_else_listens().await;
+    n.simple_query("NOTIFY blk, '1'").await.unwrap();
+    assert_eq!(next(&mut rx).await, pair("blk", "1"));
+
+    // Rolled back, or rolled back to a savepoint before it: not subscribed. UNLISTEN then
+    // LISTEN in one block: still subscribed.
+    for sql in [
+        "BEGIN; ROLLBACK",
+        "BEGIN; LISTEN rb; ROLLBACK",
+        "BEGIN; SAVEPOINT s; LISTEN sp; ROLLBACK TO s; LISTEN sp2; COMMIT",
+        "BEGIN; UNLISTEN blk; LISTEN blk; COMMIT",
+        "BEGIN; LISTEN gone; UNLISTEN gone; COMMIT",
+    ] {
+        for statement in sql.split("; ") {
+            a.simple_query(statement).await.unwrap();
+        }
+    }
+    nobody_else_listens().await;
+    for (channel, payload) in [
+        ("rb", "2"),
+        ("sp", "3"),
+        ("gone", "4"),
+        ("sp2", "5"),
+        ("blk", "6"),
+    ] {
+        n.simple_query(&format!("NOTIFY {channel}, '{payload}'"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(next(&mut rx).await, pair("sp2", "5"));
+    assert_eq!(next(&mut rx).await, pair("blk", "6"));
+
+    // Pipelined (BEGIN, LISTEN, COMMIT in one write), and the extended-protocol form drivers
+    // send for a one-off statement (psycopg 3, pgjdbc), outside and inside a block.
+    let mut raw = Raw::connect(proxy.addr()).await;
+    raw.login_trust(&db.user, &db.user).await;
+    let mut pipelined = query("BEGIN");
+    pipelined.extend(query("LISTEN piped"));
+    pipelined.extend(query("COMMIT"));
+    raw.send(&pipelined).await;
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.extend(raw.recv_until(b'Z').await);
+    }
+    assert_eq!(show(&answers), "C Z C Z C Z");
+    let mut ext = parse("", "LISTEN ext1");
+    ext.extend(bind(""));
+    ext.extend(describe(b'P', ""));
+    ext.extend(execute());
+    ext.extend(sync());
+    raw.send(&ext).await;
+    assert_eq!(support::raw::tags(&raw.recv_until(b'Z').await), "12nCZ");
+    raw.send(&query("BEGIN")).await;
+    raw.recv_until(b'Z').await;
+    let mut ext = parse("", "LISTEN ext2");
+    ext.extend(bind(""));
+    ext.extend(execute());
+    ext.extend(sync());
+    raw.send(&ext).await;
+    let answer = raw.recv_until(b'Z').await;
+    assert_eq!(support::raw::tags(&answer), "12CZ");
+    assert_eq!(answer.last().unwrap().body, b"T");
+    raw.send(&query("COMMIT")).await;
+    raw.recv_until(b'Z').await;
+    nobody_else_listens().await;
+    for channel in ["piped", "ext1", "ext2"] {
+        n.simple_query(&format!("NOTIFY {channel}, 'x'")).await.unwrap();
+        let m = raw.recv().await.unwrap();
+        assert_eq!(raw_notification(&m), pair(channel, "x"));
+    }
+    assert_eq!(listener_backends(&db), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_the_hub_refuses_inside_a_block_fails_the_block() {
+    let db = TestDb::new("listen_refused");
+    let proxy = proxy(&db, 1).await;
+    let url = db.url(&proxy);
+    let (a, _rx) = listener(&url).await;
+    for i in 0..pgsluice::notify::MAX_CHANNELS {
+        a.simple_query(&format!("LISTEN c{i}")).await.unwrap();
+    }
+    let e = a.simple_query("LISTEN one_more").await.unwrap_err();
+    assert_eq!(support::sqlstate(&e).as_deref(), Some("54000"));
+    a.simple_query("BEGIN").await.unwrap();
+    let e = a.simple_query("LISTEN one_more").await.unwrap_err();
+    assert_eq!(support::sqlstate(&e).as_deref(), Some("54000"), "{e:?}");
+    // The backend's block failed with it, as it would have directly.
+    let e = a.simple_query("select 1").await.unwrap_err();
+    assert_eq!(support::sqlstate(&e).as_deref(), Some("25P02"));
+    let done = a.simple_query("COMMIT").await.unwrap();
+    let tag = done.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::CommandComplete(_) => Some(()),
+        _ => None,
+    });
+    assert!(tag.is_some());
+    assert_eq!(value(&a, "select 2").await, "2");
+    assert_eq!(
+        proxy.pools().all()[0]
+            .stats
+            .pinned_clients
+            .load(Ordering::Relaxed),
+        0
+    );
+}

@@ -16,11 +16,12 @@ use super::restore;
 use super::ClientError;
 use crate::config::duration::fmt_duration;
 use crate::config::PoolMode;
+use crate::notify::request::{self as listen_request, Found};
 use crate::notify::{Delivery, Subscription};
 use crate::pool::{Pool, PoolStats, Pooled};
 use crate::proto::backend::{self, PgError, Severity};
-use crate::proto::frame::{parse_header, HEADER_LEN};
-use crate::proto::sql::{listen_command, ListenCommand};
+use crate::proto::frame::parse_header;
+use crate::proto::sql::ListenCommand;
 use crate::relay::pins::{parse_probe, Pins, PROBE_QUERY};
 use crate::relay::{relay, ClientIo, Mode, Outcome, SessionView, Timers};
 use crate::sync::until;
@@ -118,6 +119,9 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
             .then_some(limits.client_idle_timeout)
             .flatten(),
     );
+    // Channels the hub started listening on for LISTENs inside the open block (at most
+    // `notify::MAX_CHANNELS`): the block's end decides whether they stay.
+    let mut block_added: Vec<String> = Vec::new();
     loop {
         // Idle: wait for the start of the client's next request.
         let idle_until = limits.client_idle_timeout.map(|t| Instant::now() + t);
@@ -201,8 +205,12 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
             answer_lost_block(io, &mut s.view).await?;
             continue;
         }
-        if tag == b'Q' && mode == Mode::Transaction && pinned.server.is_none() {
-            match take_listen_command(io, idle_until).await? {
+        if matches!(tag, b'Q' | b'P')
+            && mode == Mode::Transaction
+            && pinned.server.is_none()
+            && !matches!(listen_request::find(&io.inbuf), Found::No)
+        {
+            match take_listen_request(io, idle_until).await? {
                 Taken::Listen(cmd) => {
                     answer_listen(io, s, listen, cmd).await?;
                     continue;
@@ -237,7 +245,14 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         s.cancel.attach(&server);
-        let outcome = relay(io, &mut server, mode, &mut s.view, timers.as_mut()).await;
+        let outcome = loop {
+            match relay(io, &mut server, mode, &mut s.view, timers.as_mut()).await {
+                Outcome::Listen(req) => {
+                    listen_in_block(io, s, listen, &mut server, *req, &mut block_added).await
+                }
+                outcome => break outcome,
+            }
+        };
         s.cancel.detach();
         collect_counters(&s.pool, &mut s.view);
         tracing::trace!(pool = %s.pool.key, ?outcome, "relay ended");
@@ -268,19 +283,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                         }
                     }
                 }
-                // DISCARD ALL and UNLISTEN that ran on a server connection (in a block, among
-                // other statements, or while pinned) end the hub's subscriptions too.
-                if std::mem::take(&mut s.view.discarded_all) {
-                    *listen = None;
-                }
-                for channel in std::mem::take(&mut s.view.unlistened) {
-                    if let Some(sub) = listen.as_mut() {
-                        sub.unlisten(channel.as_deref());
-                    }
-                }
-                if listen.as_ref().is_some_and(|l| !l.listening()) {
-                    *listen = None;
-                }
+                settle_listens(&mut s.view, listen, &mut block_added);
                 // Notifications that waited go out right after the ReadyForQuery.
                 while io.out.len() < NOTIFY_OUT_MARK {
                     let Some(d) = listen.as_mut().and_then(Subscription::try_next) else {
@@ -300,6 +303,11 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
             Outcome::ClientProtocol(e) => {
                 server.discard();
                 return fatal(io, ClientError::Protocol(e)).await;
+            }
+            // Served in the loop around the relay; never reaches here.
+            Outcome::Listen(_) => {
+                server.discard();
+                return Ok(());
             }
             Outcome::IdleInTransaction { server_clean } => {
                 PoolStats::bump(&s.pool.stats.idle_transaction_timeouts);
@@ -361,6 +369,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                     b'I'
                 };
                 s.view.server_lost(status);
+                settle_listens(&mut s.view, listen, &mut block_added);
                 // What the client has not been told yet.
                 let untold = match error_sent {
                     Some(_) if !undelivered => None,
@@ -615,77 +624,39 @@ fn overflowed() -> ClientError {
     ClientError::NotificationsOverflow(crate::notify::MAX_QUEUED_BYTES)
 }
 
-/// Longest simple query looked at for LISTEN / UNLISTEN before a transaction.
-const LISTEN_TEXT_LIMIT: usize = 1024;
-
-/// What `take_listen_command` found.
+/// What `take_listen_request` found.
 enum Taken {
     /// A LISTEN / UNLISTEN for the hub (consumed).
-    Listen(ListenCommand),
+    Listen(listen_request::Request),
     /// Something else, left for the relay.
     Other,
-    /// The rest of the message did not come within `client_idle_timeout`.
+    /// The rest of the request did not come within `client_idle_timeout`.
     IdleTimeout,
 }
 
-/// Takes the client's next message if it is a simple-query `LISTEN` / `UNLISTEN` the hub
-/// serves (the message is then consumed); anything else is left for the relay. The rest of
-/// a message that may be one is awaited until `idle_until`, as an idle client is.
-async fn take_listen_command<C: AsyncRead + AsyncWrite + Unpin>(
+/// Takes the client's next request if it is a `LISTEN` / `UNLISTEN` the hub serves (it is
+/// then consumed); anything else is left for the relay. The rest of a request that may be
+/// one is awaited until `idle_until`, as an idle client is.
+async fn take_listen_request<C: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<C>,
     idle_until: Option<Instant>,
 ) -> Result<Taken, Gone> {
-    let total = match parse_header(&io.inbuf, io.max_body) {
-        Ok(Some(h)) if h.body_len <= LISTEN_TEXT_LIMIT => h.total_len(),
-        _ => return Ok(Taken::Other),
-    };
-    // Most queries are decided from their first bytes.
-    let head = io
-        .inbuf
-        .get(HEADER_LEN..io.inbuf.len().min(total))
-        .unwrap_or_default();
-    if !may_be_listen(head) {
-        return Ok(Taken::Other);
-    }
-    while io.inbuf.len() < total {
-        match idle_until {
-            None => io.fill().await?,
-            Some(at) => match tokio::time::timeout_at(at, io.fill()).await {
-                Ok(r) => r?,
-                Err(_) => return Ok(Taken::IdleTimeout),
+    loop {
+        match listen_request::find(&io.inbuf) {
+            Found::No => return Ok(Taken::Other),
+            Found::Request(r) => {
+                bytes::Buf::advance(&mut io.inbuf, r.len);
+                return Ok(Taken::Listen(r));
+            }
+            Found::Partial => match idle_until {
+                None => io.fill().await?,
+                Some(at) => match tokio::time::timeout_at(at, io.fill()).await {
+                    Ok(r) => r?,
+                    Err(_) => return Ok(Taken::IdleTimeout),
+                },
             },
         }
     }
-    let text = io
-        .inbuf
-        .get(HEADER_LEN..total - 1)
-        .and_then(|t| std::str::from_utf8(t).ok());
-    match text.and_then(listen_command) {
-        Some(cmd) => {
-            bytes::Buf::advance(&mut io.inbuf, total);
-            Ok(Taken::Listen(cmd))
-        }
-        None => Ok(Taken::Other),
-    }
-}
-
-/// Whether a query text starting with `head` may be a LISTEN or UNLISTEN (comments first, or
-/// too little read yet, count as maybe).
-fn may_be_listen(head: &[u8]) -> bool {
-    let start = head
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(head.len());
-    let rest = head.get(start..).unwrap_or_default();
-    if rest.starts_with(b"--") || rest.starts_with(b"/*") || rest == b"-" || rest == b"/" {
-        return true;
-    }
-    [b"listen".as_slice(), b"unlisten".as_slice()].iter().any(|word| {
-        let n = rest.len().min(word.len());
-        rest.get(..n)
-            .zip(word.get(..n))
-            .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
-    })
 }
 
 /// Serves a client's LISTEN / UNLISTEN through its database's hub and answers it.
@@ -693,18 +664,10 @@ async fn answer_listen<C: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<C>,
     s: &mut LoggedIn,
     listen: &mut Option<Subscription>,
-    cmd: ListenCommand,
+    req: listen_request::Request,
 ) -> Result<(), Gone> {
-    let done = match cmd {
-        ListenCommand::Listen(channel) => {
-            if listen.is_none() {
-                *listen = s.listeners.subscribe(&s.pool);
-            }
-            match listen.as_mut() {
-                Some(sub) => sub.listen(channel).await.map(|()| "LISTEN"),
-                None => Err(crate::notify::ListenError::HubGone),
-            }
-        }
+    let done = match req.cmd {
+        ListenCommand::Listen(channel) => subscribe(s, listen, channel).await.map(|_| "LISTEN"),
         ListenCommand::Unlisten(channel) => {
             if let Some(sub) = listen.as_mut() {
                 sub.unlisten(channel.as_deref());
@@ -712,20 +675,96 @@ async fn answer_listen<C: AsyncRead + AsyncWrite + Unpin>(
             Ok("UNLISTEN")
         }
     };
-    match done {
-        Ok(tag) => backend::command_complete(&mut io.out, tag),
+    let err;
+    let result = match done {
+        Ok(tag) => Ok(tag),
         Err(e) => {
             tracing::info!(pool = %s.pool.key, error = %e, "LISTEN failed");
-            ClientError::from(e)
-                .to_pg_error(Severity::Error)
-                .write_error(&mut io.out);
+            err = ClientError::from(e).to_pg_error(Severity::Error);
+            Err(&err)
         }
-    }
+    };
+    listen_request::answer(&mut io.out, req.form, result, b'I');
     if listen.as_ref().is_some_and(|l| !l.listening()) {
         *listen = None;
     }
-    backend::ready_for_query(&mut io.out, b'I');
     io.flush().await
+}
+
+/// Serves a LISTEN the relay took from inside a transaction block: the hub listens at once
+/// (so nothing notified before the client's COMMIT is lost); the block's end decides whether
+/// the channel stays (`settle_listens`). A failure fails the block, raised by the backend.
+async fn listen_in_block<C: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<C>,
+    s: &mut LoggedIn,
+    listen: &mut Option<Subscription>,
+    server: &mut Pooled,
+    req: listen_request::Request,
+    block_added: &mut Vec<String>,
+) {
+    let ListenCommand::Listen(channel) = req.cmd.clone() else {
+        return;
+    };
+    match subscribe(s, listen, channel.clone()).await {
+        Ok(added) => {
+            if added {
+                block_added.push(channel.clone());
+            }
+            crate::relay::answer_listen(io, &mut s.view, &req, channel);
+        }
+        Err(e) => {
+            tracing::info!(pool = %s.pool.key, error = %e, "LISTEN failed");
+            let err = ClientError::from(e).to_pg_error(Severity::Error);
+            crate::relay::refuse_listen(io, &mut s.view, server, &req, &err);
+        }
+    }
+}
+
+/// Applies to the client's subscription what its transaction did to its LISTENs: DISCARD
+/// ALL and UNLISTEN that ran on a server connection (in a block, among other statements, or
+/// while pinned) end channels; LISTENs the hub served inside the block stay if the block
+/// committed them, and end otherwise.
+fn settle_listens(view: &mut SessionView, listen: &mut Option<Subscription>, block_added: &mut Vec<String>) {
+    let changes = std::mem::take(&mut view.listen_changes);
+    if std::mem::take(&mut view.discarded_all) {
+        *listen = None;
+    }
+    let Some(sub) = listen.as_mut() else {
+        block_added.clear();
+        return;
+    };
+    let ended: Vec<String> = if changes.all_ended {
+        sub.channels()
+            .filter(|c| !changes.listen.contains(*c))
+            .cloned()
+            .collect()
+    } else {
+        let rolled_back = block_added.iter().filter(|c| !changes.listen.contains(*c));
+        changes.unlisten.iter().chain(rolled_back).cloned().collect()
+    };
+    block_added.clear();
+    for channel in ended {
+        sub.unlisten(Some(&channel));
+    }
+    if !sub.listening() {
+        *listen = None;
+    }
+}
+
+/// Subscribes the client to `channel` through its database's hub (starting its
+/// subscription if needed); `Ok(true)` if it was not listening there before.
+async fn subscribe(
+    s: &LoggedIn,
+    listen: &mut Option<Subscription>,
+    channel: String,
+) -> Result<bool, crate::notify::ListenError> {
+    if listen.is_none() {
+        *listen = s.listeners.subscribe(&s.pool);
+    }
+    match listen.as_mut() {
+        Some(sub) => sub.listen(channel).await,
+        None => Err(crate::notify::ListenError::HubGone),
+    }
 }
 
 /// Passes what an idle pinned server connection sent on to the client: a notification, a

@@ -10,6 +10,7 @@
 //! it is closed with 54000.
 
 mod hub;
+pub mod request;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -179,10 +180,11 @@ pub struct Subscription {
 
 impl Subscription {
     /// Subscribes to `channel`; returns once the listener connection's LISTEN has committed
-    /// (at once if it listens there already). The error is the client's answer.
-    pub async fn listen(&mut self, channel: String) -> Result<(), ListenError> {
+    /// (at once if it listens there already): `true` if the client did not listen there
+    /// before. The error is the client's answer.
+    pub async fn listen(&mut self, channel: String) -> Result<bool, ListenError> {
         if self.channels.contains(&channel) {
-            return Ok(());
+            return Ok(false);
         }
         if self.channels.len() >= MAX_CHANNELS {
             return Err(ListenError::TooManyChannels(MAX_CHANNELS));
@@ -199,7 +201,7 @@ impl Subscription {
         }
         answer.await.unwrap_or(Err(ListenError::HubGone))?;
         self.channels.insert(channel);
-        Ok(())
+        Ok(true)
     }
 
     /// Unsubscribes from `channel`, or from every channel (`None`). Nothing of it is delivered
@@ -219,6 +221,11 @@ impl Subscription {
                 channel: channel.map(str::to_string),
             });
         }
+    }
+
+    /// The channels the client listens on.
+    pub fn channels(&self) -> impl Iterator<Item = &String> {
+        self.channels.iter()
     }
 
     /// Whether the client listens on anything.

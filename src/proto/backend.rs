@@ -90,6 +90,11 @@ impl PgError {
         self.field(b'M').unwrap_or("")
     }
 
+    /// The HINT line, if any.
+    pub fn hint(&self) -> Option<&str> {
+        self.field(b'H')
+    }
+
     /// Non-localized severity (`V`), else the localized one (`S`).
     pub fn severity(&self) -> &str {
         self.field(b'V').or_else(|| self.field(b'S')).unwrap_or("ERROR")

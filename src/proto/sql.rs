@@ -30,6 +30,9 @@ pub enum SessionCommand {
     /// `UNLISTEN channel`, or `*` when `None` (it also ends what the client listens on
     /// through the proxy's notification hub).
     Unlisten(Option<String>),
+    /// `LISTEN channel` inside a transaction block, served by the proxy's notification hub
+    /// (never from `classify`: the relay records it).
+    Listen(String),
     /// `SELECT set_config(…)` with parameters: a `Set` or `Reset` once a Bind brings them
     /// (`proto::set_config`).
     SetConfig(ConfigCall),

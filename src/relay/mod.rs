@@ -25,11 +25,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::io::poll_read_buf;
 
 pub use timers::Timers;
-pub use view::{SessionView, StatementCounters};
+pub use view::{ListenChanges, SessionView, StatementCounters};
 
 use crate::config::duration::fmt_duration;
+use crate::notify::request::{self as listen_request, Found};
 use crate::proto::backend::{parse_parameter_status, PgError, Severity};
 use crate::proto::frame::{parse_header, HEADER_LEN};
+use crate::proto::sql::ListenCommand;
 use crate::proto::sqlstate;
 use crate::proto::{ProtoError, Reader};
 use crate::server::{CancelTarget, ServerConn};
@@ -102,6 +104,34 @@ pub enum Outcome {
     },
     /// The client broke the protocol or sent an oversized message.
     ClientProtocol(ProtoError),
+    /// A `LISTEN` inside a transaction block, with nothing owed before it: taken from the
+    /// client's buffer for the session to serve through the notification hub (`answer_listen`
+    /// or `refuse_listen`), then the relay resumes on the same server connection.
+    Listen(Box<listen_request::Request>),
+}
+
+/// Answers a LISTEN the hub served inside the block (the relay resumes after it).
+pub fn answer_listen<C>(
+    client: &mut ClientIo<C>,
+    view: &mut SessionView,
+    req: &listen_request::Request,
+    channel: String,
+) {
+    view.listened_in_block(channel);
+    listen_request::answer(&mut client.out, req.form, Ok("LISTEN"), b'T');
+}
+
+/// Fails a LISTEN inside the block with `err`: the backend raises it, so the block fails as
+/// it would have there.
+pub fn refuse_listen<C>(
+    client: &mut ClientIo<C>,
+    view: &mut SessionView,
+    server: &mut ServerConn,
+    req: &listen_request::Request,
+    err: &PgError,
+) {
+    listen_request::answer_head(&mut client.out, req.form);
+    requests::raise(view, server, err);
 }
 
 /// The client's side of a session: its stream and buffers, kept across transactions.
@@ -129,7 +159,6 @@ pub async fn relay<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    view.clear_owed();
     if let Some(t) = timers.as_deref_mut() {
         t.start();
     }
@@ -176,6 +205,25 @@ struct State<'v> {
 enum Scan {
     Continue,
     Release,
+}
+
+/// What becomes of a possible LISTEN at the front of the client's buffer.
+enum HubListen {
+    /// Not one for the hub: handled as any request.
+    No,
+    /// Not decided yet: wait for more bytes, or for what is owed before it.
+    Wait,
+    /// Taken for the hub.
+    Take(Box<listen_request::Request>),
+}
+
+/// What the client's messages led to.
+enum ClientScan {
+    Continue,
+    /// Terminate.
+    Gone,
+    /// A LISTEN for the hub (taken from the buffer).
+    Listen(Box<listen_request::Request>),
 }
 
 impl State<'_> {
@@ -242,6 +290,7 @@ impl State<'_> {
                 }
                 Poll::Ready(Expired::ClientIdle) => {
                     let server_clean = self.clean(server);
+                    self.view.clear_owed();
                     return Some(Poll::Ready(Outcome::ClientIdle { server_clean }));
                 }
             }
@@ -285,9 +334,13 @@ impl State<'_> {
             // for a healthy connection instead of being sent to a dying one.
             if !client.inbuf.is_empty() && self.fatal.is_none() {
                 match self.scan_client(client, server) {
-                    Ok(true) => {}
-                    Ok(false) => return self.client_gone(server),
-                    Err(e) => return Poll::Ready(Outcome::ClientProtocol(e)),
+                    Ok(ClientScan::Continue) => {}
+                    Ok(ClientScan::Gone) => return self.client_gone(server),
+                    Ok(ClientScan::Listen(req)) => return Poll::Ready(Outcome::Listen(req)),
+                    Err(e) => {
+                        self.view.clear_owed();
+                        return Poll::Ready(Outcome::ClientProtocol(e));
+                    }
                 }
                 if self.releasable(server) {
                     return Poll::Ready(Outcome::Released);
@@ -357,13 +410,13 @@ impl State<'_> {
         }
     }
 
-    /// Handles complete client messages (streaming large bodies through). Returns false when
-    /// the client sent Terminate.
+    /// Handles complete client messages (streaming large bodies through), up to a Terminate
+    /// or a LISTEN for the hub.
     fn scan_client<C>(
         &mut self,
         client: &mut ClientIo<C>,
         server: &mut ServerConn,
-    ) -> Result<bool, ProtoError> {
+    ) -> Result<ClientScan, ProtoError> {
         let inbuf = &mut client.inbuf;
         loop {
             if self.c_skip > 0 {
@@ -383,7 +436,14 @@ impl State<'_> {
             };
             if h.tag == b'X' {
                 inbuf.clear();
-                return Ok(false);
+                return Ok(ClientScan::Gone);
+            }
+            if matches!(h.tag, b'Q' | b'P') && self.flags.track && self.flags.skip == Skip::No {
+                match self.hub_listen(inbuf) {
+                    HubListen::No => {}
+                    HubListen::Wait => break,
+                    HubListen::Take(req) => return Ok(ClientScan::Listen(req)),
+                }
             }
             match requests::handle(h, inbuf, self.view, server, &mut self.flags)? {
                 Step::NeedMore(want) => {
@@ -404,7 +464,29 @@ impl State<'_> {
         if self.s_skip == 0 {
             expect::emit_synthetic(self.view, &mut client.out);
         }
-        Ok(true)
+        Ok(ClientScan::Continue)
+    }
+
+    /// Whether the request at the front of `inbuf` is a LISTEN inside a transaction block
+    /// for the notification hub. Looked at only while a block is open or something is owed
+    /// that may open one (a pipelined BEGIN): then a possible LISTEN waits until nothing is
+    /// owed before it and the block's state is known.
+    fn hub_listen(&self, inbuf: &mut BytesMut) -> HubListen {
+        let owed = !self.view.expect.is_empty();
+        if !(owed || self.view.block_open) || self.view.pins.pinned() || self.flags.segment.unsynced() {
+            return HubListen::No;
+        }
+        match listen_request::find(inbuf) {
+            Found::No => HubListen::No,
+            Found::Request(r) if !matches!(r.cmd, ListenCommand::Listen(_)) => HubListen::No,
+            Found::Partial | Found::Request(_) if owed || self.s_skip > 0 => HubListen::Wait,
+            _ if !self.view.block_may_listen() => HubListen::No,
+            Found::Partial => HubListen::Wait,
+            Found::Request(r) => {
+                inbuf.advance(r.len);
+                HubListen::Take(Box::new(r))
+            }
+        }
     }
 
     /// A (non-fatal) ErrorResponse with SQLSTATE `code` failed the request at the head of the

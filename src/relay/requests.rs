@@ -601,14 +601,28 @@ fn pin_limit_query(limit: &PinLimit) -> String {
 }
 
 /// A query whose only effect is the backend raising this error (`condition`: a PL/pgSQL
-/// condition name).
+/// condition name or a SQLSTATE).
 fn raise_query(condition: &str, message: &str, hint: &str) -> String {
     let literal = |s: &str| s.replace('\'', "''").replace("$pgsluice$", "$ pgsluice$");
+    let hint = if hint.is_empty() {
+        String::new()
+    } else {
+        format!(", HINT = '{}'", literal(hint))
+    };
     format!(
-        "DO $pgsluice$BEGIN RAISE EXCEPTION USING ERRCODE = '{condition}', MESSAGE = '{}', HINT = '{}'; END$pgsluice$",
+        "DO $pgsluice$BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = '{}'{hint}; END$pgsluice$",
+        literal(condition),
         literal(message),
-        literal(hint)
     )
+}
+
+/// Makes the backend raise `err` (its SQLSTATE, message and hint) as the answer to a request
+/// the proxy took from the client: a transaction block fails with it as it would have on the
+/// backend.
+pub(super) fn raise(view: &mut SessionView, server: &mut ServerConn, err: &PgError) {
+    let query = raise_query(err.code(), err.message(), err.hint().unwrap_or_default());
+    crate::proto::frontend::query(&mut server.wbuf, &query);
+    view.owe(Expect::Query(None));
 }
 
 fn sqlstate_error(code: &str, message: String) -> PgError {

@@ -1,7 +1,7 @@
 //! What the relay keeps about a client's session across transactions: its settings as they
 //! should be, its named statements, and the effects of session commands.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use super::expect::Expect;
@@ -17,6 +17,44 @@ use crate::settings::{survives_reset_all, SettingValue, Settings};
 const MAX_IN_BLOCK: usize = 4096;
 /// Savepoints followed inside one transaction block.
 const MAX_SAVEPOINTS: usize = 4096;
+
+/// The LISTEN / UNLISTEN commands that took effect, as their net effect per channel (the
+/// last command on a channel wins; `UNLISTEN *` ends every channel before it).
+#[derive(Debug, Default)]
+pub struct ListenChanges {
+    /// An `UNLISTEN *` ran: every channel not in `listen` ends.
+    pub all_ended: bool,
+    /// Channels whose last command was LISTEN.
+    pub listen: HashSet<String>,
+    /// Channels whose last command was UNLISTEN (not kept after an `UNLISTEN *`); at most
+    /// `notify::MAX_CHANNELS`, as many as a client can listen on.
+    pub unlisten: HashSet<String>,
+}
+
+impl ListenChanges {
+    fn listened(&mut self, channel: String) {
+        self.unlisten.remove(&channel);
+        if self.listen.len() < crate::notify::MAX_CHANNELS {
+            self.listen.insert(channel);
+        }
+    }
+
+    fn unlistened(&mut self, channel: Option<String>) {
+        match channel {
+            None => {
+                self.all_ended = true;
+                self.listen.clear();
+                self.unlisten.clear();
+            }
+            Some(c) => {
+                self.listen.remove(&c);
+                if !self.all_ended && self.unlisten.len() < crate::notify::MAX_CHANNELS {
+                    self.unlisten.insert(c);
+                }
+            }
+        }
+    }
+}
 
 /// Prepared-statement cache counters since the last time they were collected.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -54,10 +92,10 @@ pub struct SessionView {
     pub lost_error: Option<crate::proto::backend::PgError>,
     /// The client ran DISCARD ALL: its LISTENs through the proxy's hub end too.
     pub discarded_all: bool,
-    /// UNLISTENs the client ran on a server connection (committed), for the session to
-    /// apply to its LISTENs through the proxy's hub too; distinct entries, at most
-    /// `notify::MAX_CHANNELS` (as many as it can listen on there).
-    pub unlistened: Vec<Option<String>>,
+    /// LISTEN / UNLISTEN that took effect (committed) since the session last looked: LISTENs
+    /// the hub served inside a block, UNLISTENs that ran on a server connection; the session
+    /// applies them to the client's subscription.
+    pub listen_changes: ListenChanges,
     /// Session commands run inside the open transaction block: they take effect at COMMIT.
     /// At most `MAX_IN_BLOCK`; past that the client is pinned (its view no longer matters).
     pub(super) in_block: Vec<SessionCommand>,
@@ -235,6 +273,20 @@ impl SessionView {
         }
     }
 
+    /// Whether a LISTEN inside the open block may be served by the hub: the backend's block
+    /// is healthy and there is room to follow it.
+    pub(super) fn block_may_listen(&self) -> bool {
+        self.block_open && self.tx_status == b'T' && self.in_block.len() < MAX_IN_BLOCK && !self.pins.pinned()
+    }
+
+    /// The hub served a `LISTEN channel` inside the open block: it takes effect at COMMIT,
+    /// and is undone by ROLLBACK (or ROLLBACK TO an earlier savepoint).
+    pub fn listened_in_block(&mut self, channel: String) {
+        if self.in_block.len() < MAX_IN_BLOCK {
+            self.in_block.push(SessionCommand::Listen(channel));
+        }
+    }
+
     /// The open block committed: its session commands take effect.
     pub(super) fn committed(&mut self, server: &mut ServerConn) {
         self.savepoints.clear();
@@ -291,12 +343,8 @@ impl SessionView {
             | SessionCommand::Savepoint(_)
             | SessionCommand::RollbackTo(_)
             | SessionCommand::Release(_) => {}
-            SessionCommand::Unlisten(channel) => {
-                if self.unlistened.len() < crate::notify::MAX_CHANNELS && !self.unlistened.contains(&channel)
-                {
-                    self.unlistened.push(channel);
-                }
-            }
+            SessionCommand::Unlisten(channel) => self.listen_changes.unlistened(channel),
+            SessionCommand::Listen(channel) => self.listen_changes.listened(channel),
         }
     }
 
