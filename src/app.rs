@@ -11,12 +11,15 @@ use tokio::task::JoinHandle;
 use crate::client::{CancelRegistry, ClientContext};
 use crate::config::Config;
 use crate::listener::{accept_loop, ClientCount};
+use crate::metrics::{ProxyState, State};
 use crate::pool::Pools;
 
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    state: Arc<ProxyState>,
     pools: Arc<Pools>,
     listeners: Arc<crate::notify::Listeners>,
     clients: Arc<ClientCount>,
@@ -25,8 +28,13 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Binds `config.listen_addr` and starts accepting.
+    /// Binds `config.listen_addr` (and `metrics_listen_addr`, if set) and starts accepting.
     pub async fn start(config: Config) -> std::io::Result<Proxy> {
+        let state = Arc::new(ProxyState::default());
+        let metrics_listener = match config.metrics_listen_addr {
+            Some(a) => Some(TcpListener::bind(a).await?),
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen_addr).await?;
         let addr = listener.local_addr()?;
         let pools = Arc::new(Pools::new(Arc::new(config)));
@@ -42,10 +50,27 @@ impl Proxy {
         });
         let clients = Arc::new(ClientCount::default());
         let (stop, stop_rx) = watch::channel(false);
+        let metrics_addr = match metrics_listener {
+            Some(l) => {
+                let a = l.local_addr()?;
+                let sources = crate::metrics::http::Sources {
+                    pools: pools.clone(),
+                    state: state.clone(),
+                    clients: clients.clone(),
+                };
+                tokio::spawn(crate::metrics::http::serve(l, sources, stop_rx.clone()));
+                tracing::info!(addr = %a, "metrics endpoint listening");
+                Some(a)
+            }
+            None => None,
+        };
         let task = tokio::spawn(accept_loop(listener, ctx, clients.clone(), stop_rx));
+        state.set(State::Serving);
         tracing::info!(%addr, "pgsluice listening");
         Ok(Proxy {
             addr,
+            metrics_addr,
+            state,
             pools,
             listeners,
             clients,
@@ -57,6 +82,16 @@ impl Proxy {
     /// Where clients connect.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the HTTP endpoint (`/metrics`) listens, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The `/metrics` page as a scrape would get it now.
+    pub fn metrics(&self) -> String {
+        crate::metrics::render(&self.pools, &self.state, self.clients.get())
     }
 
     /// The pools (for inspection: counts, stats).
@@ -74,6 +109,7 @@ impl Proxy {
     pub async fn pause_all(&self) {
         // Every pool stops handing out connections first (pools created meanwhile start
         // paused); then each drains.
+        self.state.set(State::Paused);
         for p in self.pools.begin_pause_all() {
             p.pause().await;
         }
@@ -82,6 +118,7 @@ impl Proxy {
     /// Resumes every pool (SIGUSR2).
     pub fn resume_all(&self) {
         self.pools.resume_all();
+        self.state.set(State::Serving);
     }
 
     /// Retires every server connection (idle ones now, busy ones as they come back).
@@ -95,6 +132,7 @@ impl Proxy {
     /// listener connection once its last subscriber left). Connected clients keep running
     /// until they leave.
     pub async fn stop(self) {
+        self.state.set(State::Draining);
         let _ = self.stop.send(true);
         let _ = self.task.await;
         self.listeners.stop();

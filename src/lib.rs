@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod devpg;
 pub mod listener;
+pub mod metrics;
 pub mod notify;
 pub mod pool;
 pub mod prepared;

@@ -61,6 +61,8 @@ macro_rules! with_shared_keys {
 
 const GLOBAL_KEYS: &[&str] = with_shared_keys!(keys_of!(RawConfig;
     listen_addr,
+    metrics_listen_addr,
+    metrics_user_label,
     default_pool_size,
     max_client_conn,
     max_db_connections,
@@ -367,7 +369,7 @@ fn every_global_key_has_its_default_written_out() {
 }
 
 /// Global caps whose default is "no cap".
-const UNSET_BY_DEFAULT: &[&str] = &["max_db_connections", "max_queue"];
+const UNSET_BY_DEFAULT: &[&str] = &["max_db_connections", "max_queue", "metrics_listen_addr"];
 
 #[test]
 fn written_defaults_equal_the_code_defaults() {
@@ -383,6 +385,8 @@ fn written_defaults_equal_the_code_defaults() {
         assert_eq!(d.pool_size, defaults::DEFAULT_POOL_SIZE);
         assert_eq!(cfg.max_client_conn, defaults::MAX_CLIENT_CONN);
         assert_eq!(cfg.max_packet_size, defaults::MAX_PACKET_SIZE);
+        assert_eq!(cfg.metrics_listen_addr, None);
+        assert_eq!(cfg.metrics_user_label, defaults::METRICS_USER_LABEL);
         assert_eq!(cfg.max_prepared_statements, defaults::MAX_PREPARED_STATEMENTS);
         assert_eq!(cfg.server_reset_query, defaults::SERVER_RESET_QUERY);
         assert_eq!(d.server_connect_timeout, defaults::SERVER_CONNECT_TIMEOUT);
@@ -482,6 +486,7 @@ fn durations_accept_off_and_zero() {
 fn validation_reports_every_problem_at_once() {
     let text = r#"
 listen_addr = "localhost"
+metrics_listen_addr = "localhost:9930"
 default_pool_size = 0
 max_client_conn = 0
 max_packet_size = 10
@@ -506,7 +511,8 @@ pool_size = 0
 "#;
     let problems = invalid(text);
     let expected = [
-        "listen_addr",
+        "listen_addr \"localhost\"",
+        "metrics_listen_addr",
         "max_packet_size",
         "default_pool_size = 0",
         "max_client_conn = 0",
@@ -526,7 +532,7 @@ pool_size = 0
     assert_eq!(problems.len(), expected.len(), "{problems:#?}");
     // The error message lists them all.
     let msg = ConfigError::Invalid(problems).to_string();
-    assert!(msg.starts_with("10 configuration problem(s)"), "{msg}");
+    assert!(msg.starts_with("11 configuration problem(s)"), "{msg}");
 }
 
 #[test]

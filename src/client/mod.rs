@@ -37,12 +37,34 @@ pub struct ClientContext {
 pub async fn serve<C: AsyncRead + AsyncWrite + Unpin>(stream: C, ctx: Arc<ClientContext>, admitted: bool) {
     let max_body = usize::try_from(ctx.pools.config().max_packet_size).unwrap_or(usize::MAX);
     let mut io = io::client_io(stream, max_body);
+    let accepted = tokio::time::Instant::now();
     let session = match handshake::handshake(&mut io, &ctx, admitted).await {
         Ok(handshake::Opened::Session(s)) => s,
         Ok(handshake::Opened::Done) | Err(io::Gone) => return,
     };
-    let pool = session.pool.key.clone();
+    let pool = session.pool.clone();
+    pool.timings.login.observe(accepted.elapsed());
+    let _connected = Connected::new(&pool);
     if session::run(&mut io, *session).await.is_err() {
-        tracing::debug!(pool = %pool, "client connection closed");
+        tracing::debug!(pool = %pool.key, "client connection closed");
+    }
+}
+
+/// A client in its pool's gauge of connected clients, for as long as it lives.
+struct Connected(Arc<crate::pool::Pool>);
+
+impl Connected {
+    fn new(pool: &Arc<crate::pool::Pool>) -> Connected {
+        crate::pool::PoolStats::bump(&pool.stats.clients);
+        Connected(pool.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0
+            .stats
+            .clients
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -223,8 +223,10 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                 Taken::Other => {}
             }
         }
-        let mut server = match pinned.server.take() {
-            Some(server) => server,
+        // When the transaction began: the checkout's hand-out (already read), or now for a
+        // pinned client's kept connection.
+        let (mut server, began) = match pinned.server.take() {
+            Some(server) => (server, Instant::now()),
             None => {
                 let deadline = limits.query_wait_timeout.map(|t| Instant::now() + t);
                 let waited = wait_for_server(
@@ -235,7 +237,10 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                 )
                 .await?;
                 match waited {
-                    Ok(server) => server,
+                    Ok(server) => {
+                        let began = server.handed_out();
+                        (server, began)
+                    }
                     Err(e) => {
                         tracing::info!(pool = %s.pool.key, error = %e, "request failed before reaching a server");
                         fail_request(io, &e.to_pg_error(Severity::Error), b'I').await?;
@@ -254,6 +259,11 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         s.cancel.detach();
+        let ended = Instant::now();
+        s.pool
+            .timings
+            .transaction
+            .observe(ended.saturating_duration_since(began));
         collect_counters(&s.pool, &mut s.view);
         tracing::trace!(pool = %s.pool.key, ?outcome, "relay ended");
         PoolStats::bump(&s.pool.stats.transactions);
@@ -273,7 +283,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                         if was_pinned {
                             tracing::debug!(pool = %s.pool.key, "client unpinned");
                         }
-                        server.release();
+                        server.release_at(ended);
                     }
                     Err(why) => {
                         tracing::warn!(pool = %s.pool.key, error = %why, "server connection lost after a transaction");

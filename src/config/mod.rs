@@ -243,6 +243,10 @@ impl PoolSettings {
 pub struct Config {
     /// Where clients connect.
     pub listen_addr: SocketAddr,
+    /// Where the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`) listens, if anywhere.
+    pub metrics_listen_addr: Option<SocketAddr>,
+    /// Whether metrics carry a `user` label.
+    pub metrics_user_label: bool,
     /// Cap on client connections.
     pub max_client_conn: u32,
     /// Largest client message accepted.

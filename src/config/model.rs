@@ -173,6 +173,11 @@ scope_table! {
 pub struct RawConfig {
     /// Address clients connect to, `host:port`.
     pub listen_addr: Option<String>,
+    /// Address of the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`); unset: none.
+    pub metrics_listen_addr: Option<String>,
+    /// Whether metrics carry a `user` label (false: pools of one database and tenant are
+    /// summed).
+    pub metrics_user_label: Option<bool>,
     /// Server connections per (database, user) pool unless overridden.
     pub default_pool_size: Option<u32>,
     /// Maximum client connections across the proxy.
@@ -290,6 +295,8 @@ pub mod defaults {
     pub const HOST: &str = "127.0.0.1";
     /// `listen_addr`
     pub const LISTEN_ADDR: &str = "127.0.0.1:6432";
+    /// `metrics_user_label`
+    pub const METRICS_USER_LABEL: bool = true;
     /// `default_pool_size`
     pub const DEFAULT_POOL_SIZE: u32 = 20;
     /// `max_client_conn`

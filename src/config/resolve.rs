@@ -23,6 +23,18 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
             SocketAddr::from(([127, 0, 0, 1], 0))
         }
     };
+    let metrics_listen_addr =
+        raw.metrics_listen_addr
+            .as_deref()
+            .and_then(|text| match text.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    problems.push(format!(
+                        "metrics_listen_addr {text:?}: {e} (want host:port, e.g. \"127.0.0.1:9930\")"
+                    ));
+                    None
+                }
+            });
     let max_packet_size = raw.max_packet_size.unwrap_or(defaults::MAX_PACKET_SIZE);
     if max_packet_size < 1024 {
         problems.push(format!(
@@ -124,6 +136,8 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     Ok(Config {
         listen_addr,
+        metrics_listen_addr,
+        metrics_user_label: raw.metrics_user_label.unwrap_or(defaults::METRICS_USER_LABEL),
         max_client_conn,
         max_packet_size,
         max_prepared_statements: raw

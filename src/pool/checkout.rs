@@ -72,6 +72,22 @@ impl Pool {
     pub async fn checkout(self: &Arc<Self>, deadline: Option<Instant>) -> Result<Pooled, CheckoutError> {
         PoolStats::bump(&self.stats.checkouts);
         let started = Instant::now();
+        let got = self.checkout_from(started, deadline).await;
+        let ended = match &got {
+            Ok(c) => c.handed_out(),
+            Err(_) => Instant::now(),
+        };
+        self.timings
+            .wait
+            .observe(ended.saturating_duration_since(started));
+        got
+    }
+
+    async fn checkout_from(
+        self: &Arc<Self>,
+        started: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<Pooled, CheckoutError> {
         if self.health.verifying() {
             self.health.wait_verified(self.connect_limit(), deadline).await;
         }
@@ -134,8 +150,9 @@ impl Pool {
                 Grant::Conn(c) => {
                     // Owned by a guard from here: if this checkout is dropped mid-check, the
                     // connection is closed and its slot freed.
-                    let mut conn = Pooled::new(self.clone(), c);
-                    if self.vet(&mut conn).await {
+                    let mut conn = Pooled::new(self.clone(), c, started);
+                    if let Some(now) = self.vet(&mut conn).await {
+                        conn.set_handed_out(now);
                         return Ok(conn);
                     }
                     conn.discard();
@@ -183,13 +200,15 @@ impl Pool {
     /// nothing unsolicited to read (EOF or a FATAL), and — after `server_check_delay` of
     /// idleness — answering a round trip. False for a dead one: the caller closes it and takes
     /// another, and the client never notices.
-    async fn vet(self: &Arc<Self>, c: &mut ServerConn) -> bool {
+    /// Whether an idle connection may be handed out: `Some` with the time it was found good.
+    async fn vet(self: &Arc<Self>, c: &mut ServerConn) -> Option<Instant> {
         if self.health.verifying() {
             // Another connection just failed: learn whether the backend is going away (then
             // this one is retired below) before handing this one out.
             self.health.wait_verified(self.connect_limit(), None).await;
         }
-        let retired = c.retire_at.is_some_and(|at| Instant::now() >= at);
+        let now = Instant::now();
+        let retired = c.retire_at.is_some_and(|at| now >= at);
         let alive =
             !retired && c.generation == self.health.generation() && c.rbuf.is_empty() && c.stream.is_quiet();
         let suspicion = self.suspicion();
@@ -197,7 +216,7 @@ impl Pool {
             || self
                 .settings
                 .server_check_delay
-                .is_some_and(|d| c.last_used.elapsed() >= d);
+                .is_some_and(|d| now.saturating_duration_since(c.last_used) >= d);
         let alive = alive
             && (!must_answer
                 || matches!(
@@ -206,7 +225,7 @@ impl Pool {
                 ));
         if alive {
             c.checked_at = suspicion;
-            return true;
+            return Some(if must_answer { Instant::now() } else { now });
         }
         if retired {
             PoolStats::bump(&self.stats.servers_retired);
@@ -215,7 +234,7 @@ impl Pool {
             PoolStats::bump(&self.stats.dead_on_checkout);
         }
         tracing::debug!(pool = %self.key, server = c.id, "idle server connection is dead or retired; replacing it");
-        false
+        None
     }
 
     /// Opens a connection in a slot already reserved for it. While the backend is down, this
@@ -273,7 +292,7 @@ impl Pool {
                 Ok(conn) => {
                     drop(probe);
                     reservation.connected();
-                    return Ok(Pooled::new(self.clone(), conn));
+                    return Ok(Pooled::new(self.clone(), conn, Instant::now()));
                 }
                 Err(e) if health::is_backend_full(&e) => {
                     // The backend is up but full: not an outage, and not the client's error.
@@ -330,6 +349,7 @@ impl Pool {
         // Once it is this login's turn, everything up to a usable connection is bounded by
         // `server_connect_timeout` (the connect and authentication, and the proxy's own round
         // trips after them), so a hung backend cannot hold a login turn.
+        let connecting = Instant::now();
         let opened = self
             .within_connect_timeout(async {
                 let limit = self.settings.server_connect_timeout;
@@ -341,6 +361,7 @@ impl Pool {
             .await;
         drop(turn);
         let (mut conn, identity) = opened?;
+        self.timings.server_connect.observe(connecting.elapsed());
         self.db.backend_has_room();
         if self.suspicion() != suspicion {
             // Another connection died while this one logged in (a restart signals every

@@ -18,14 +18,25 @@ const CANCEL_SETTLE_LIMIT: Duration = Duration::from_secs(10);
 pub struct Pooled {
     pool: Arc<Pool>,
     conn: Option<ServerConn>,
+    handed_out: tokio::time::Instant,
 }
 
 impl Pooled {
-    pub(super) fn new(pool: Arc<Pool>, conn: ServerConn) -> Self {
+    pub(super) fn new(pool: Arc<Pool>, conn: ServerConn, handed_out: tokio::time::Instant) -> Self {
         Pooled {
             pool,
             conn: Some(conn),
+            handed_out,
         }
+    }
+
+    /// When the checkout handed it out.
+    pub fn handed_out(&self) -> tokio::time::Instant {
+        self.handed_out
+    }
+
+    pub(super) fn set_handed_out(&mut self, at: tokio::time::Instant) {
+        self.handed_out = at;
     }
 
     /// The pool it came from.
@@ -35,9 +46,14 @@ impl Pooled {
 
     /// Returns a clean connection (ReadyForQuery 'I', nothing outstanding) to the pool. If a
     /// cancel forwarded to its backend is still in flight, it rejoins only once that is over.
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_at(tokio::time::Instant::now());
+    }
+
+    /// `release`, with the time it happens (`now`) already read.
+    pub fn release_at(mut self, now: tokio::time::Instant) {
         let Some(mut conn) = self.conn.take() else { return };
-        conn.last_used = tokio::time::Instant::now();
+        conn.last_used = now;
         if conn.generation != self.pool.health.generation() {
             // From before a backend failure or an operator's reconnect: retire it.
             self.pool.close(conn);

@@ -74,6 +74,8 @@ pub struct Pool {
     pub reset_query: String,
     /// Counters.
     pub stats: PoolStats,
+    /// Latency histograms.
+    pub timings: crate::metrics::Timings,
     /// Its `max_pinned` and its tenant's.
     pub pin_budget: pin_budget::PinBudget,
     /// The plan epoch naming its clients' shared prepared statements.
@@ -146,6 +148,7 @@ impl Pool {
             suspicion: std::sync::atomic::AtomicU64::new(0),
             reset_query: config.server_reset_query.clone(),
             stats: PoolStats::default(),
+            timings: crate::metrics::Timings::default(),
             pin_budget,
             plans: Arc::default(),
             params: Mutex::new(None),
@@ -482,6 +485,14 @@ impl Pools {
     /// Every pool, for inspection.
     pub fn all(&self) -> Vec<Arc<Pool>> {
         lock(&self.pools).values().cloned().collect()
+    }
+
+    /// Every tenant's shared counters (those that had a client), for inspection.
+    pub fn tenant_states(&self) -> Vec<(String, Arc<TenantState>)> {
+        lock(&self.tenants)
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect()
     }
 
     /// Every database's slots, for inspection.

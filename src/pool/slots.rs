@@ -107,6 +107,21 @@ struct TenantSlots {
     queue: Arc<super::tenant::TenantState>,
 }
 
+/// A tenant's share of a database and its load on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantLoad {
+    /// The tenant.
+    pub name: String,
+    /// Slots its pools hold.
+    pub held: u32,
+    /// Its clients queued on this database.
+    pub waiting: u32,
+    /// Slots guaranteed while it has clients waiting.
+    pub min: u32,
+    /// Its cap, if any.
+    pub max: Option<u32>,
+}
+
 /// A tenant's share, as the slots see it.
 #[derive(Debug, Clone)]
 pub struct Share {
@@ -627,12 +642,27 @@ impl<T> Slots<T> {
             waiting: u32::try_from(pool.waiters.len()).unwrap_or(u32::MAX),
             high_water: pool.high_water,
             max_size: pool.size,
+            oldest_wait: pool.waiters.front().map(|w| w.since),
         }
     }
 
     /// Slots in use across the database.
     pub fn used(&self) -> u32 {
         self.used
+    }
+
+    /// Every tenant's share of this database and its load on it, for metrics.
+    pub fn tenant_shares(&self) -> Vec<TenantLoad> {
+        self.tenants
+            .iter()
+            .map(|t| TenantLoad {
+                name: t.name.to_string(),
+                held: t.used,
+                waiting: t.waiting,
+                min: t.min,
+                max: (t.max != u32::MAX).then_some(t.max),
+            })
+            .collect()
     }
 
     /// Every tenant's load on this database: (name, slots held, clients waiting).
@@ -750,6 +780,8 @@ pub struct Counts {
     pub high_water: u32,
     /// Pool size.
     pub max_size: u32,
+    /// Since when the longest-waiting client waits, if any waits.
+    pub oldest_wait: Option<Instant>,
 }
 
 #[cfg(test)]
@@ -839,7 +871,8 @@ mod tests {
                 active: 0,
                 waiting: 0,
                 high_water: 1,
-                max_size: 1
+                max_size: 1,
+                oldest_wait: None,
             }
         );
     }

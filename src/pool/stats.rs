@@ -44,6 +44,8 @@ pub struct PoolStats {
     /// Times a transaction-mode client got pinned to its server connection (it left session
     /// state there: temporary tables, advisory locks, ...).
     pub pins: AtomicU64,
+    /// Gauge, not a counter: clients of the pool connected now.
+    pub clients: AtomicU64,
     /// Gauge, not a counter: clients pinned to their server connection now.
     pub pinned_clients: AtomicU64,
     /// Server connections retired after `server_lifetime`.
