@@ -13,6 +13,10 @@ use crate::config::Config;
 use crate::listener::{accept_loop, ClientCount};
 use crate::metrics::{ProxyState, State};
 use crate::pool::Pools;
+use crate::shutdown::Shutdown;
+
+/// How long killed sessions get to write their 57P01 and close.
+const KILL_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A running proxy.
 #[derive(Debug)]
@@ -20,6 +24,7 @@ pub struct Proxy {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     state: Arc<ProxyState>,
+    shutdown: Shutdown,
     pools: Arc<Pools>,
     listeners: Arc<crate::notify::Listeners>,
     clients: Arc<ClientCount>,
@@ -42,11 +47,13 @@ impl Proxy {
         let mut proxy_secret = [0u8; 32];
         rand::fill(&mut proxy_secret);
         let listeners = Arc::new(crate::notify::Listeners::new(pools.clone()));
+        let shutdown = Shutdown::default();
         let ctx = Arc::new(ClientContext {
             pools: pools.clone(),
             cancels: Arc::new(CancelRegistry::default()),
             listeners: listeners.clone(),
             proxy_secret,
+            shutdown: shutdown.clone(),
         });
         let clients = Arc::new(ClientCount::default());
         let (stop, stop_rx) = watch::channel(false);
@@ -71,6 +78,7 @@ impl Proxy {
             addr,
             metrics_addr,
             state,
+            shutdown,
             pools,
             listeners,
             clients,
@@ -126,6 +134,31 @@ impl Proxy {
         for p in self.pools.all() {
             p.reconnect();
         }
+    }
+
+    /// Drains (SIGTERM): `/readyz` turns 503, new logins get 57P03 (cancel requests are still
+    /// served), each client is told 57P01 at its next transaction boundary (at once if idle)
+    /// and closed. Returns `true` once every client is gone, or, at `timeout`, tells what still
+    /// runs 57P01, closes it (waiting at most `KILL_GRACE` for that) and returns `false`.
+    pub async fn drain(&self, timeout: Option<std::time::Duration>) -> bool {
+        self.state.set(State::Draining);
+        self.shutdown.drain();
+        let all_left = match timeout {
+            None => {
+                self.clients.all_gone().await;
+                true
+            }
+            Some(t) => tokio::time::timeout(t, self.clients.all_gone()).await.is_ok(),
+        };
+        if !all_left {
+            tracing::warn!(
+                clients = self.clients.get(),
+                "shutdown_timeout passed; ending the clients still connected"
+            );
+            self.shutdown.kill();
+            let _ = tokio::time::timeout(KILL_GRACE, self.clients.all_gone()).await;
+        }
+        all_left
     }
 
     /// Stops accepting and closes idle server connections (and each notification hub's

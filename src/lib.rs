@@ -18,4 +18,5 @@ pub mod proto;
 pub mod relay;
 pub mod server;
 pub mod settings;
+pub mod shutdown;
 pub mod sync;

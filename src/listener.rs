@@ -16,6 +16,8 @@ use crate::client::{self, ClientContext};
 #[derive(Debug, Default)]
 pub struct ClientCount {
     current: AtomicU32,
+    /// Woken when the last client leaves.
+    none_left: tokio::sync::Notify,
 }
 
 impl ClientCount {
@@ -23,13 +25,28 @@ impl ClientCount {
     pub fn get(&self) -> u32 {
         self.current.load(Ordering::Relaxed)
     }
+
+    /// Returns once no client is connected.
+    pub async fn all_gone(&self) {
+        loop {
+            let woken = self.none_left.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.current.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            woken.await;
+        }
+    }
 }
 
 struct Slot(Arc<ClientCount>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.current.fetch_sub(1, Ordering::Relaxed);
+        if self.0.current.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none_left.notify_waiters();
+        }
     }
 }
 

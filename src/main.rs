@@ -9,6 +9,8 @@ use clap::Parser;
 use pgsluice::app::Proxy;
 use pgsluice::config::Config;
 use pgsluice::devpg::{ClusterOptions, TempCluster};
+use sd_notify::NotifyState;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// A PostgreSQL connection-pooling proxy.
 #[derive(Debug, Parser)]
@@ -84,8 +86,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::warn!("{w}");
     }
     let announce = throwaway.is_some();
+    let shutdown_timeout = config.shutdown_timeout;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
+        let mut signals = Signals::new()?;
         let proxy = Proxy::start(config).await.context("starting the listener")?;
         if announce {
             println!(
@@ -93,7 +97,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 addr = proxy.addr()
             );
         }
-        wait_for_stop(&proxy).await?;
+        let status = format!("serving on {}", proxy.addr());
+        notify_systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
+        if signals.wait_for_stop(&proxy).await == Stop::Graceful {
+            tracing::info!(timeout = ?shutdown_timeout, "draining: new logins refused, clients told 57P01 at their next transaction boundary");
+            let status = format!("draining: {} clients connected", proxy.clients());
+            notify_systemd(&[NotifyState::Stopping, NotifyState::Status(&status)]);
+            tokio::select! {
+                all_left = proxy.drain(shutdown_timeout) => {
+                    if all_left {
+                        tracing::info!("drained: every client left");
+                    }
+                }
+                () = signals.any_stop() => tracing::warn!("second stop signal: stopping at once"),
+            }
+        } else {
+            notify_systemd(&[NotifyState::Stopping]);
+        }
         tracing::info!("shutting down");
         proxy.stop().await;
         anyhow::Ok(())
@@ -102,37 +122,80 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves signals until SIGINT or SIGTERM: SIGUSR1 pauses every pool (for maintenance),
-/// SIGUSR2 resumes them.
-async fn wait_for_stop(proxy: &Proxy) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-    let mut usr2 = signal(SignalKind::user_defined2())?;
-    loop {
+/// Tells systemd (`Type=notify`); does nothing outside systemd.
+fn notify_systemd(state: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+}
+
+/// How a stop was asked for.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM or SIGINT: drain.
+    Graceful,
+    /// SIGQUIT: at once.
+    Immediate,
+}
+
+/// The signals pgsluice serves.
+struct Signals {
+    int: Signal,
+    term: Signal,
+    quit: Signal,
+    usr1: Signal,
+    usr2: Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            quit: signal(SignalKind::quit())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+
+    /// The next SIGTERM, SIGINT or SIGQUIT.
+    async fn any_stop(&mut self) {
         tokio::select! {
-            _ = int.recv() => return Ok(()),
-            _ = term.recv() => return Ok(()),
-            _ = usr2.recv() => proxy.resume_all(),
-            _ = usr1.recv() => {
-                tracing::info!("SIGUSR1: pausing all pools");
-                let pause = proxy.pause_all();
-                tokio::pin!(pause);
-                let mut paused = false;
-                loop {
-                    tokio::select! {
-                        () = &mut pause, if !paused => {
-                            paused = true;
-                            tracing::info!("all pools paused: no server connections open");
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.quit.recv() => {}
+        }
+    }
+
+    /// Serves signals until a stop: SIGUSR1 pauses every pool (for maintenance), SIGUSR2
+    /// resumes them.
+    async fn wait_for_stop(&mut self, proxy: &Proxy) -> Stop {
+        loop {
+            tokio::select! {
+                _ = self.int.recv() => return Stop::Graceful,
+                _ = self.term.recv() => return Stop::Graceful,
+                _ = self.quit.recv() => return Stop::Immediate,
+                _ = self.usr2.recv() => proxy.resume_all(),
+                _ = self.usr1.recv() => {
+                    tracing::info!("SIGUSR1: pausing all pools");
+                    let pause = proxy.pause_all();
+                    tokio::pin!(pause);
+                    let mut paused = false;
+                    loop {
+                        tokio::select! {
+                            () = &mut pause, if !paused => {
+                                paused = true;
+                                tracing::info!("all pools paused: no server connections open");
+                            }
+                            _ = self.usr2.recv() => break,
+                            _ = self.int.recv() => return Stop::Graceful,
+                            _ = self.term.recv() => return Stop::Graceful,
+                            _ = self.quit.recv() => return Stop::Immediate,
                         }
-                        _ = usr2.recv() => break,
-                        _ = int.recv() => return Ok(()),
-                        _ = term.recv() => return Ok(()),
                     }
+                    tracing::info!("SIGUSR2: resuming all pools");
+                    proxy.resume_all();
                 }
-                tracing::info!("SIGUSR2: resuming all pools");
-                proxy.resume_all();
             }
         }
     }

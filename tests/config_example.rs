@@ -72,6 +72,7 @@ const GLOBAL_KEYS: &[&str] = with_shared_keys!(keys_of!(RawConfig;
     max_prepared_statements,
     auth_type,
     server_reset_query,
+    shutdown_timeout,
     databases,
     tenants,
     users,
@@ -387,6 +388,7 @@ fn written_defaults_equal_the_code_defaults() {
         assert_eq!(cfg.max_packet_size, defaults::MAX_PACKET_SIZE);
         assert_eq!(cfg.metrics_listen_addr, None);
         assert_eq!(cfg.metrics_user_label, defaults::METRICS_USER_LABEL);
+        assert_eq!(cfg.shutdown_timeout, defaults::SHUTDOWN_TIMEOUT);
         assert_eq!(cfg.max_prepared_statements, defaults::MAX_PREPARED_STATEMENTS);
         assert_eq!(cfg.server_reset_query, defaults::SERVER_RESET_QUERY);
         assert_eq!(d.server_connect_timeout, defaults::SERVER_CONNECT_TIMEOUT);

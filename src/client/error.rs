@@ -108,6 +108,13 @@ pub enum ClientError {
     /// The client's undelivered notifications passed the cap.
     #[error("terminating connection: more than {} bytes of notifications waited for this client (it does not read them)", .0)]
     NotificationsOverflow(usize),
+    /// The proxy is stopping: no new logins.
+    #[error("pgsluice is shutting down: it accepts no new connections")]
+    ShuttingDown,
+    /// The proxy is stopping: the client's session ends (at its transaction boundary, or at
+    /// `shutdown_timeout`).
+    #[error("terminating connection due to administrator command")]
+    Terminated,
     /// A request inside a transaction block that was lost with its server connection.
     #[error("current transaction is aborted, commands ignored until end of transaction block (its server connection was lost)")]
     TransactionAborted,
@@ -150,6 +157,8 @@ impl ClientError {
             ClientError::WaitCanceled | ClientError::QueryTimeout(_) => {
                 PgError::new(severity, code::QUERY_CANCELED, msg)
             }
+            ClientError::ShuttingDown => PgError::new(severity, code::CANNOT_CONNECT_NOW, msg),
+            ClientError::Terminated => PgError::new(severity, code::ADMIN_SHUTDOWN, msg),
             ClientError::IdleTimeout(_) | ClientError::PinnedIdleTimeout { .. } => {
                 PgError::new(severity, code::IDLE_SESSION_TIMEOUT, msg)
             }

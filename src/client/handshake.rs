@@ -33,6 +33,8 @@ pub struct LoggedIn {
     pub listeners: Arc<crate::notify::Listeners>,
     /// Its place under the tenant's and the user's `max_client_conn`, held while connected.
     pub _tickets: [Ticket; 2],
+    /// The proxy's stop signals.
+    pub watch: crate::shutdown::Watch,
 }
 
 /// A startup packet that asks to log in.
@@ -176,6 +178,9 @@ async fn startup<C: AsyncRead + AsyncWrite + Unpin>(
     let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user_name.clone());
+    if ctx.shutdown.draining() {
+        return Ok(Err(ClientError::ShuttingDown));
+    }
     if !admitted {
         return Ok(Err(ClientError::TooManyClients(
             ctx.pools.config().max_client_conn,
@@ -257,5 +262,6 @@ async fn login<C: AsyncRead + AsyncWrite + Unpin>(
         cancel,
         listeners: ctx.listeners.clone(),
         _tickets: [tenant_ticket, user_ticket],
+        watch: ctx.shutdown.watch(),
     }))))
 }

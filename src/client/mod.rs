@@ -30,6 +30,8 @@ pub struct ClientContext {
     pub listeners: Arc<crate::notify::Listeners>,
     /// Random per process; makes unknown users' fake SCRAM salts unpredictable.
     pub proxy_secret: [u8; 32],
+    /// The proxy's stop signals.
+    pub shutdown: crate::shutdown::Shutdown,
 }
 
 /// Serves one client connection to the end. `admitted` is false when `max_client_conn` is

@@ -123,6 +123,10 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
     // `notify::MAX_CHANNELS`): the block's end decides whether they stay.
     let mut block_added: Vec<String> = Vec::new();
     loop {
+        if s.watch.draining() {
+            // The proxy stops: the client's session ends at this transaction boundary.
+            return fatal_within(io, ClientError::Terminated).await;
+        }
         // Idle: wait for the start of the client's next request.
         let idle_until = limits.client_idle_timeout.map(|t| Instant::now() + t);
         let pinned_until = limits
@@ -134,13 +138,19 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                 Err(e) => return fatal(io, ClientError::Protocol(e)).await,
                 Ok(Some(h)) => break h.tag,
                 Ok(None) => {
+                    if s.watch.draining() {
+                        // A client between transactions while the proxy stops: its session
+                        // ends here.
+                        return fatal_within(io, ClientError::Terminated).await;
+                    }
                     let woke = if pinned.server.is_none() && listen.is_none() {
-                        // The usual case: only the client can end the wait.
-                        match idle_until {
-                            None => Woke::Client(io.fill().await),
-                            Some(at) => tokio::time::timeout_at(at, io.fill())
-                                .await
-                                .map_or(Woke::IdleTimeout, Woke::Client),
+                        // The usual case: only the client (or the proxy stopping) can end the
+                        // wait.
+                        tokio::select! {
+                            biased;
+                            r = io.fill() => Woke::Client(r),
+                            () = s.watch.drained() => Woke::Drain,
+                            () = until(idle_until) => Woke::IdleTimeout,
                         }
                     } else {
                         // A pinned client's server may speak while the client is idle
@@ -155,10 +165,12 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                             () = until(pinned_until) => Woke::PinnedIdleTimeout,
                             m = pinned_message(server) => Woke::Server(m),
                             d = next_delivery(sub) => Woke::Notification(d),
+                            () = s.watch.drained() => Woke::Drain,
                         }
                     };
                     match woke {
                         Woke::Client(r) => r?,
+                        Woke::Drain => return fatal_within(io, ClientError::Terminated).await,
                         Woke::IdleTimeout => {
                             PoolStats::bump(&s.pool.stats.client_idle_timeouts);
                             let limit = limits.client_idle_timeout.unwrap_or_default();
@@ -251,7 +263,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
         };
         s.cancel.attach(&server);
         let outcome = loop {
-            match relay(io, &mut server, mode, &mut s.view, timers.as_mut()).await {
+            match relay(io, &mut server, mode, &mut s.view, timers.as_mut(), &s.watch).await {
                 Outcome::Listen(req) => {
                     listen_in_block(io, s, listen, &mut server, *req, &mut block_added).await
                 }
@@ -313,6 +325,19 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
             Outcome::ClientProtocol(e) => {
                 server.discard();
                 return fatal(io, ClientError::Protocol(e)).await;
+            }
+            Outcome::Killed => {
+                // Mid-transaction at shutdown_timeout: its transaction is rolled back with the
+                // server connection.
+                pinned.leave(&mut s.view.pins);
+                server.discard();
+                return fatal_within(io, ClientError::Terminated).await;
+            }
+            Outcome::Drained => {
+                let told = fatal_within(io, ClientError::Terminated).await;
+                pinned.leave(&mut s.view.pins);
+                finish_server(server, true, mode, &s.view.pins).await;
+                return told;
             }
             // Served in the loop around the relay; never reaches here.
             Outcome::Listen(_) => {
@@ -579,6 +604,8 @@ enum Woke {
     Server(Result<(u8, bytes::Bytes), crate::server::ServerError>),
     /// A notification for the client's LISTENs (or the end of its subscription).
     Notification(Delivery),
+    /// The proxy started draining.
+    Drain,
 }
 
 /// Notifications are taken from the hub's queue only while less than this waits to be written

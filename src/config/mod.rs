@@ -247,6 +247,8 @@ pub struct Config {
     pub metrics_listen_addr: Option<SocketAddr>,
     /// Whether metrics carry a `user` label.
     pub metrics_user_label: bool,
+    /// Bound on a graceful stop (`None`: wait for every client).
+    pub shutdown_timeout: Option<std::time::Duration>,
     /// Cap on client connections.
     pub max_client_conn: u32,
     /// Largest client message accepted.

@@ -197,6 +197,9 @@ pub struct RawConfig {
     pub auth_type: Option<AuthMethod>,
     /// Query run on a server connection before reuse in session mode.
     pub server_reset_query: Option<String>,
+    /// Bound on a graceful stop (SIGTERM, SIGINT): what still runs then is ended.
+    #[serde(default, deserialize_with = "de_timeout")]
+    pub shutdown_timeout: Option<Option<Duration>>,
     /// Backends, by the name clients use.
     #[serde(default)]
     pub databases: BTreeMap<String, RawDatabase>,
@@ -297,6 +300,8 @@ pub mod defaults {
     pub const LISTEN_ADDR: &str = "127.0.0.1:6432";
     /// `metrics_user_label`
     pub const METRICS_USER_LABEL: bool = true;
+    /// `shutdown_timeout`
+    pub const SHUTDOWN_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
     /// `default_pool_size`
     pub const DEFAULT_POOL_SIZE: u32 = 20;
     /// `max_client_conn`

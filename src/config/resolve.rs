@@ -138,6 +138,7 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
         listen_addr,
         metrics_listen_addr,
         metrics_user_label: raw.metrics_user_label.unwrap_or(defaults::METRICS_USER_LABEL),
+        shutdown_timeout: raw.shutdown_timeout.unwrap_or(defaults::SHUTDOWN_TIMEOUT),
         max_client_conn,
         max_packet_size,
         max_prepared_statements: raw

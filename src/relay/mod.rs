@@ -35,6 +35,7 @@ use crate::proto::sql::ListenCommand;
 use crate::proto::sqlstate;
 use crate::proto::{ProtoError, Reader};
 use crate::server::{CancelTarget, ServerConn};
+use crate::shutdown::Watch;
 use expect::{ErrorEffect, Route};
 use requests::{Flags, Segment, Skip, Step};
 use timers::{Expired, Phase};
@@ -104,6 +105,12 @@ pub enum Outcome {
     },
     /// The client broke the protocol or sent an oversized message.
     ClientProtocol(ProtoError),
+    /// The proxy is stopping and its `shutdown_timeout` passed: the session ends now, whatever
+    /// it was doing (its server connection must be closed).
+    Killed,
+    /// The proxy is draining and this session-mode client is idle between transactions: its
+    /// session ends (the server connection is clean).
+    Drained,
     /// A `LISTEN` inside a transaction block, with nothing owed before it: taken from the
     /// client's buffer for the session to serve through the notification hub (`answer_listen`
     /// or `refuse_listen`), then the relay resumes on the same server connection.
@@ -155,6 +162,7 @@ pub async fn relay<C>(
     mode: Mode,
     view: &mut SessionView,
     mut timers: Option<&mut Timers>,
+    watch: &Watch,
 ) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -178,6 +186,8 @@ where
         client_active: false,
         view,
         timers,
+        watch,
+        watching: false,
     };
     poll_fn(|cx| st.poll(cx, client, server)).await
 }
@@ -200,6 +210,9 @@ struct State<'v> {
     client_active: bool,
     view: &'v mut SessionView,
     timers: Option<&'v mut Timers>,
+    /// The proxy's stop signals, and whether this relay's task is registered with them.
+    watch: &'v Watch,
+    watching: bool,
 }
 
 enum Scan {
@@ -400,6 +413,23 @@ impl State<'_> {
                 }
             }
             if !progress {
+                // Registered once per relay; a wake takes the registration, so once draining
+                // has begun (its wake took it) every poll registers again, for the kill.
+                if !self.watching || self.watch.draining() {
+                    self.watch.register(cx);
+                    self.watching = true;
+                }
+                if self.watch.killed() {
+                    self.view.clear_owed();
+                    return Poll::Ready(Outcome::Killed);
+                }
+                if self.mode == Mode::Session
+                    && self.watch.draining()
+                    && client.inbuf.is_empty()
+                    && self.clean(server)
+                {
+                    return Poll::Ready(Outcome::Drained);
+                }
                 if self.fatal.is_none() {
                     if let Some(done) = self.poll_timers(cx, server) {
                         return done;
