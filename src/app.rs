@@ -54,6 +54,7 @@ impl Proxy {
             listeners: listeners.clone(),
             proxy_secret,
             shutdown: shutdown.clone(),
+            state: state.clone(),
         });
         let clients = Arc::new(ClientCount::default());
         let (stop, stop_rx) = watch::channel(false);

@@ -125,6 +125,53 @@ async fn counters_and_histograms_move_by_exactly_the_transactions_run() {
         "{after}"
     );
 
+    // Every byte the client sent: N Query messages (tag, length, text, NUL).
+    let sent: usize = (0..N).map(|i| 1 + 4 + format!("select {i}").len() + 1).sum();
+    let bytes = format!("pgsluice_client_bytes_total{{{l}}}");
+    assert_eq!(sample(&after, &bytes) - sample(&before, &bytes), sent as f64);
+    let bytes = format!("pgsluice_server_bytes_total{{{l}}}");
+    assert!(sample(&after, &bytes) > sample(&before, &bytes));
+
+    // Errors by SQLSTATE class: the backend's (22012) and pgsluice's own (26000, a Bind of a
+    // statement the client never prepared); logins refused by reason.
+    assert!(c.simple_query("select 1/0").await.is_err());
+    let mut raw = support::raw::Raw::connect(proxy.addr()).await;
+    raw.login_trust(&db.user, &db.user).await;
+    let mut bind = support::raw::bind("nope");
+    bind.extend(support::raw::sync());
+    raw.send(&bind).await;
+    raw.recv_until(b'Z').await;
+    let e = tokio_postgres::connect(
+        &db.url(&proxy)
+            .replace(&format!("dbname={}", db.user), "dbname=nosuchdb"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(support::sqlstate(&e).as_deref(), Some("3D000"));
+    let page = scrape(&proxy).await;
+    assert_eq!(
+        sample(&page, &format!("pgsluice_errors_total{{{l},class=\"22\"}}")),
+        1.0,
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, &format!("pgsluice_errors_total{{{l},class=\"26\"}}")),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &page,
+            "pgsluice_login_failures_total{reason=\"unknown_database\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&page, "pgsluice_login_failures_total{reason=\"auth\"}"),
+        0.0
+    );
+
     let addr = proxy.metrics_addr().unwrap();
     assert_eq!(get(addr, "/healthz").await.0, 200);
     assert_eq!(get(addr, "/readyz").await.0, 200);

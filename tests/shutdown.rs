@@ -72,6 +72,20 @@ async fn a_drain_lets_the_transaction_in_flight_commit_then_tells_every_client()
     let sleeper = connect(&url).await;
     let cancel = sleeper.cancel_token();
     let sleeping = tokio::spawn(async move { sleeper.simple_query("select pg_sleep(60)").await });
+    // It runs on the backend before the drain begins (an idle client would be told at once).
+    let running = || {
+        cluster()
+            .psql(
+                "postgres",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND query = 'select pg_sleep(60)' AND state = 'active'",
+                    db.user
+                ),
+            )
+            .unwrap()
+            == "1"
+    };
+    assert!(support::eventually(LIMIT, running).await);
 
     let metrics = proxy.metrics_addr().unwrap();
     assert_eq!(readyz(metrics).await, 200);

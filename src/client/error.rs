@@ -121,6 +121,26 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Why a login failed, as the metrics label it (`metrics::LOGIN_FAILURES`).
+    pub fn login_failure(&self) -> &'static str {
+        match self {
+            ClientError::AuthFailed(_) => "auth",
+            ClientError::AuthProtocol(_) => "auth_protocol",
+            ClientError::UnknownDatabase(_) => "unknown_database",
+            ClientError::TooManyClients(_)
+            | ClientError::TenantClients { .. }
+            | ClientError::UserClients { .. } => "client_limit",
+            ClientError::LoginTimeout(_) => "timeout",
+            ClientError::Protocol(_)
+            | ClientError::UnsupportedProtocol { .. }
+            | ClientError::NoUser
+            | ClientError::BadOptions(_)
+            | ClientError::Replication => "protocol",
+            ClientError::ShuttingDown => "shutting_down",
+            _ => "server",
+        }
+    }
+
     /// The ErrorResponse for this failure.
     pub fn to_pg_error(&self, severity: Severity) -> PgError {
         let msg = self.to_string();

@@ -83,6 +83,7 @@ pub async fn handshake<C: AsyncRead + AsyncWrite + Unpin>(
         Ok(opened) => Ok(opened),
         Err(e) => {
             tracing::info!(error = %e, "login refused");
+            ctx.state.login_failed(e.login_failure());
             e.to_pg_error(Severity::Fatal).write_error(&mut io.out);
             io.flush().await?;
             Ok(Opened::Done)

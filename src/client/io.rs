@@ -45,7 +45,10 @@ impl<C: AsyncRead + AsyncWrite + Unpin> ClientIo<C> {
         }
         match self.stream.read_buf(&mut self.inbuf).await {
             Ok(0) | Err(_) => Err(Gone),
-            Ok(_) => Ok(()),
+            Ok(n) => {
+                self.read_bytes += n as u64;
+                Ok(())
+            }
         }
     }
 
@@ -87,5 +90,6 @@ pub fn client_io<C>(stream: C, max_body: usize) -> ClientIo<C> {
         inbuf: BytesMut::with_capacity(16 * 1024),
         out: BytesMut::with_capacity(16 * 1024),
         max_body,
+        read_bytes: 0,
     }
 }

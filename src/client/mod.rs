@@ -32,6 +32,8 @@ pub struct ClientContext {
     pub proxy_secret: [u8; 32],
     /// The proxy's stop signals.
     pub shutdown: crate::shutdown::Shutdown,
+    /// The proxy's state and its counters outside any pool.
+    pub state: Arc<crate::metrics::ProxyState>,
 }
 
 /// Serves one client connection to the end. `admitted` is false when `max_client_conn` is

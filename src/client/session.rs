@@ -255,7 +255,9 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                     }
                     Err(e) => {
                         tracing::info!(pool = %s.pool.key, error = %e, "request failed before reaching a server");
-                        fail_request(io, &e.to_pg_error(Severity::Error), b'I').await?;
+                        let e = e.to_pg_error(Severity::Error);
+                        s.pool.stats.count_errors(&[(class_of(e.code()), 1)]);
+                        fail_request(io, &e, b'I').await?;
                         continue;
                     }
                 }
@@ -277,6 +279,7 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
             .transaction
             .observe(ended.saturating_duration_since(began));
         collect_counters(&s.pool, &mut s.view);
+        PoolStats::add(&s.pool.stats.client_bytes, std::mem::take(&mut io.read_bytes));
         tracing::trace!(pool = %s.pool.key, ?outcome, "relay ended");
         PoolStats::bump(&s.pool.stats.transactions);
         match outcome {
@@ -571,6 +574,17 @@ fn collect_counters(pool: &Pool, view: &mut SessionView) {
     PoolStats::add(&pool.stats.prepared_evictions, c.evictions);
     PoolStats::add(&pool.stats.query_timeouts, c.query_timeouts);
     PoolStats::add(&pool.stats.pin_refusals, c.pin_refusals);
+    PoolStats::add(&pool.stats.server_bytes, c.server_bytes);
+    if !c.errors.is_empty() {
+        pool.stats.count_errors(&c.errors);
+    }
+}
+
+/// The SQLSTATE class of `code`, as the counters keep it.
+fn class_of(code: &str) -> [u8; 2] {
+    let mut c = crate::relay::StatementCounters::default();
+    c.error(code);
+    c.errors.first().map_or(*b"??", |(class, _)| *class)
 }
 
 /// Returns or closes the server connection of a client that left.

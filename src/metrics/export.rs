@@ -206,6 +206,14 @@ fn proxy_metrics(page: &mut Page, config: &Config, state: &ProxyState, clients: 
         &none,
         f64::from(clients),
     );
+    for (reason, n) in state.login_failures() {
+        page.counter(
+            "pgsluice_login_failures_total",
+            "Logins refused, by reason: auth (wrong password or unknown user), auth_protocol, unknown_database, client_limit (a max_client_conn), timeout (client_login_timeout), protocol, server (no server connection or settings for the session), shutting_down",
+            &vec![("reason", reason.to_string())],
+            n,
+        );
+    }
     page.gauge(
         "pgsluice_max_client_conn",
         "The cap on client connections (max_client_conn)",
@@ -326,6 +334,30 @@ fn pool_metrics(page: &mut Page, config: &Config, pool: &Arc<Pool>) {
             TIMEOUTS,
             &with(&labels, "timeout", kind),
             PoolStats::get(counter),
+        );
+    }
+    page.counter(
+        "pgsluice_client_bytes_total",
+        "Bytes read from the pool's clients",
+        &labels,
+        PoolStats::get(&s.client_bytes),
+    );
+    page.counter(
+        "pgsluice_server_bytes_total",
+        "Bytes read from the pool's server connections",
+        &labels,
+        PoolStats::get(&s.server_bytes),
+    );
+    for (class, n) in s.errors() {
+        let class = std::str::from_utf8(&class)
+            .ok()
+            .filter(|c| c.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .unwrap_or("unknown");
+        page.counter(
+            "pgsluice_errors_total",
+            "ErrorResponses sent to the pool's clients in their transactions (the backend's, forwarded, and pgsluice's own), by SQLSTATE class",
+            &with(&labels, "class", class),
+            n,
         );
     }
     let t = &pool.timings;

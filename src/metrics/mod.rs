@@ -83,9 +83,26 @@ pub struct Timings {
     pub login: Histogram,
 }
 
-/// The proxy's own state, as `/readyz` and `pgsluice_state` tell it.
+/// The proxy's own state, as `/readyz` and `pgsluice_state` tell it, and what it counts
+/// outside any pool.
 #[derive(Debug, Default)]
-pub struct ProxyState(AtomicU8);
+pub struct ProxyState {
+    state: AtomicU8,
+    /// Logins refused, by reason (indexed like `LOGIN_FAILURES`).
+    login_failures: [AtomicU64; LOGIN_FAILURES.len()],
+}
+
+/// Why a login was refused, as `pgsluice_login_failures_total` labels it.
+pub const LOGIN_FAILURES: [&str; 8] = [
+    "auth",
+    "auth_protocol",
+    "unknown_database",
+    "client_limit",
+    "timeout",
+    "protocol",
+    "server",
+    "shutting_down",
+];
 
 /// What the proxy is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,12 +134,29 @@ impl State {
 impl ProxyState {
     /// Now in `state`.
     pub fn set(&self, state: State) {
-        self.0.store(state as u8, Ordering::Release);
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    /// A login was refused for `reason` (one of `LOGIN_FAILURES`; others are not counted).
+    pub fn login_failed(&self, reason: &str) {
+        if let Some(i) = LOGIN_FAILURES.iter().position(|r| *r == reason) {
+            if let Some(c) = self.login_failures.get(i) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Logins refused, by reason.
+    pub fn login_failures(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        LOGIN_FAILURES
+            .iter()
+            .zip(&self.login_failures)
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
     }
 
     /// The state now.
     pub fn get(&self) -> State {
-        let n = self.0.load(Ordering::Acquire);
+        let n = self.state.load(Ordering::Acquire);
         State::ALL
             .into_iter()
             .find(|s| *s as u8 == n)

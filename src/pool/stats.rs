@@ -82,6 +82,13 @@ pub struct PoolStats {
     pub prepared_misses: AtomicU64,
     /// Prepared statements closed on a server to stay within `max_prepared_statements`.
     pub prepared_evictions: AtomicU64,
+    /// Bytes read from clients (relayed to server connections, or answered by pgsluice).
+    pub client_bytes: AtomicU64,
+    /// Bytes read from server connections.
+    pub server_bytes: AtomicU64,
+    /// ErrorResponses sent to clients in their transactions (forwarded or pgsluice's own), by
+    /// SQLSTATE class (`??`: unknown); at most 36 x 36 + 1 entries.
+    pub errors: std::sync::Mutex<std::collections::BTreeMap<[u8; 2], u64>>,
 }
 
 impl PoolStats {
@@ -100,5 +107,21 @@ impl PoolStats {
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Adds errors by SQLSTATE class.
+    pub fn count_errors(&self, errors: &[([u8; 2], u64)]) {
+        let mut map = crate::sync::lock(&self.errors);
+        for (class, n) in errors {
+            *map.entry(*class).or_insert(0) += n;
+        }
+    }
+
+    /// Errors by SQLSTATE class so far.
+    pub fn errors(&self) -> Vec<([u8; 2], u64)> {
+        crate::sync::lock(&self.errors)
+            .iter()
+            .map(|(c, n)| (*c, *n))
+            .collect()
     }
 }

@@ -417,13 +417,17 @@ pub fn emit_synthetic(view: &mut SessionView, out: &mut BytesMut) {
         match s {
             Synth::ParseComplete => crate::proto::frame::write_message(out, b'1', |_| {}),
             Synth::CloseComplete => crate::proto::frame::write_message(out, b'3', |_| {}),
-            Synth::Error(e) => e.write_error(out),
+            Synth::Error(e) => {
+                view.counters.error(e.code());
+                e.write_error(out);
+            }
             Synth::Tag(tag) => backend::command_complete(out, tag),
             Synth::QueryDone(tag) => {
                 backend::command_complete(out, tag);
                 backend::ready_for_query(out, view.tx_status);
             }
             Synth::QueryError(e) => {
+                view.counters.error(e.code());
                 e.write_error(out);
                 backend::ready_for_query(out, view.tx_status);
             }

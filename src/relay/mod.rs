@@ -152,6 +152,8 @@ pub struct ClientIo<C> {
     pub out: BytesMut,
     /// Largest client message body accepted.
     pub max_body: usize,
+    /// Bytes read from the client since the session last collected them (for metrics).
+    pub read_bytes: u64,
 }
 
 /// Relays until the outcome, keeping `view` (the client's session) up to date and enforcing
@@ -397,9 +399,10 @@ impl State<'_> {
                 reserve_read(&mut client.inbuf);
                 match poll_read_buf(Pin::new(&mut client.stream), cx, &mut client.inbuf) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return self.client_gone(server),
-                    Poll::Ready(Ok(_)) => {
+                    Poll::Ready(Ok(n)) => {
                         progress = true;
                         self.client_active = true;
+                        client.read_bytes += n as u64;
                     }
                     Poll::Pending => {}
                 }
@@ -408,7 +411,10 @@ impl State<'_> {
                 reserve_read(&mut server.rbuf);
                 match poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.rbuf) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return self.server_gone(),
-                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Ok(n)) => {
+                        progress = true;
+                        self.view.counters.server_bytes += n as u64;
+                    }
                     Poll::Pending => {}
                 }
             }
@@ -587,6 +593,7 @@ impl State<'_> {
                 }
                 (b'E', Some(b)) => {
                     let err = PgError::parse(b)?;
+                    self.view.counters.error(err.code());
                     if err.is_fatal() {
                         if self.mode == Mode::Session {
                             client.out.extend_from_slice(&server.rbuf[..h.total_len()]);
@@ -630,6 +637,7 @@ impl State<'_> {
                 (b'E', None) => {
                     // Too large to inspect (a long RAISE message): its code is unknown, but it
                     // fails the request all the same.
+                    self.view.counters.error("");
                     self.on_error(server, "");
                     Route::Forward
                 }

@@ -31,6 +31,26 @@ pub struct ListenChanges {
     pub unlisten: HashSet<String>,
 }
 
+impl StatementCounters {
+    /// An ErrorResponse with SQLSTATE `code` went to the client.
+    pub fn error(&mut self, code: &str) {
+        let class = match code.as_bytes() {
+            [a, b, ..] if a.is_ascii_alphanumeric() && b.is_ascii_alphanumeric() => [*a, *b],
+            _ => *b"??",
+        };
+        let class = if self.errors.len() >= MAX_ERROR_CLASSES && !self.errors.iter().any(|(c, _)| *c == class)
+        {
+            *b"??"
+        } else {
+            class
+        };
+        match self.errors.iter_mut().find(|(c, _)| *c == class) {
+            Some((_, n)) => *n += 1,
+            None => self.errors.push((class, 1)),
+        }
+    }
+}
+
 impl ListenChanges {
     fn listened(&mut self, channel: String) {
         self.unlisten.remove(&channel);
@@ -56,9 +76,16 @@ impl ListenChanges {
     }
 }
 
-/// Prepared-statement cache counters since the last time they were collected.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Distinct SQLSTATE classes counted in one transaction; past that they count as unknown.
+const MAX_ERROR_CLASSES: usize = 32;
+
+/// What the relay counted since the session last collected it (once per transaction).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StatementCounters {
+    /// Bytes read from the server.
+    pub server_bytes: u64,
+    /// ErrorResponses sent to the client, by SQLSTATE class (`??`: unknown).
+    pub errors: Vec<([u8; 2], u64)>,
     /// A statement the server already had.
     pub hits: u64,
     /// A statement that had to be prepared on the server (first use, or another connection).
