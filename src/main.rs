@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use pgsluice::app::Proxy;
-use pgsluice::config::Config;
+use pgsluice::config::{Config, LogFormat};
 use pgsluice::devpg::{ClusterOptions, TempCluster};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -30,13 +30,13 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PGSLUICE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The log format comes from the config; a config that does not load is reported below.
+    let format = cli
+        .config
+        .as_deref()
+        .and_then(|p| Config::load(p).ok())
+        .map_or(LogFormat::Text, |c| c.log_format);
+    init_logging(format);
     if cli.check {
         return check(&cli);
     }
@@ -46,6 +46,20 @@ fn main() -> ExitCode {
             eprintln!("pgsluice: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr at `PGSLUICE_LOG`'s level (default `info`), as text or one JSON object per
+/// line.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGSLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
 }
 

@@ -73,6 +73,7 @@ const GLOBAL_KEYS: &[&str] = with_shared_keys!(keys_of!(RawConfig;
     auth_type,
     server_reset_query,
     shutdown_timeout,
+    log_format,
     databases,
     tenants,
     users,
@@ -389,6 +390,7 @@ fn written_defaults_equal_the_code_defaults() {
         assert_eq!(cfg.metrics_listen_addr, None);
         assert_eq!(cfg.metrics_user_label, defaults::METRICS_USER_LABEL);
         assert_eq!(cfg.shutdown_timeout, defaults::SHUTDOWN_TIMEOUT);
+        assert_eq!(cfg.log_format, pgsluice::config::model::LogFormat::Text);
         assert_eq!(cfg.max_prepared_statements, defaults::MAX_PREPARED_STATEMENTS);
         assert_eq!(cfg.server_reset_query, defaults::SERVER_RESET_QUERY);
         assert_eq!(d.server_connect_timeout, defaults::SERVER_CONNECT_TIMEOUT);

@@ -183,15 +183,16 @@ async fn the_binary_tells_systemd_it_is_ready_and_drains_on_sigterm() {
     let config = dir.join("proxy.toml");
     std::fs::write(
         &config,
-        db.config("", "auth = \"trust\"")
+        db.config("log_format = \"json\"", "auth = \"trust\"")
             .replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgsluice"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgsluice"))
         .arg("--config")
         .arg(&config)
         .env("NOTIFY_SOCKET", &socket)
-        .env("PGSLUICE_LOG", "warn")
+        .env("PGSLUICE_LOG", "info")
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -222,7 +223,21 @@ async fn the_binary_tells_systemd_it_is_ready_and_drains_on_sigterm() {
         until_closed(&mut client).await,
         "E(57P01 terminating connection due to administrator command)"
     );
-    let status = tokio::time::timeout(LIMIT, child.wait()).await.unwrap().unwrap();
-    assert!(status.success(), "{status:?}");
+    let out = tokio::time::timeout(LIMIT, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    // log_format = "json": every line is one JSON object with a level and a message.
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.iter().any(|l| l.contains("draining")), "{log}");
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v.get("level").is_some() && v["fields"].get("message").is_some(),
+            "{line}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

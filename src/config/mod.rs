@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use model::{AuthMethod, PoolMode, RawConfig, RawShared, SessionState};
+pub use model::{AuthMethod, LogFormat, PoolMode, RawConfig, RawShared, SessionState};
 
 use crate::auth::secret::{ScramVerifier, Secret};
 
@@ -249,6 +249,8 @@ pub struct Config {
     pub metrics_user_label: bool,
     /// Bound on a graceful stop (`None`: wait for every client).
     pub shutdown_timeout: Option<std::time::Duration>,
+    /// How log lines are written.
+    pub log_format: model::LogFormat,
     /// Cap on client connections.
     pub max_client_conn: u32,
     /// Largest client message accepted.

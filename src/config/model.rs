@@ -20,6 +20,17 @@ pub enum PoolMode {
     Session,
 }
 
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
 /// What transaction mode does with a statement that leaves session state the proxy cannot
 /// carry to another server connection (temporary tables, session advisory locks, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -197,6 +208,8 @@ pub struct RawConfig {
     pub auth_type: Option<AuthMethod>,
     /// Query run on a server connection before reuse in session mode.
     pub server_reset_query: Option<String>,
+    /// How log lines are written (`text` or `json`).
+    pub log_format: Option<LogFormat>,
     /// Bound on a graceful stop (SIGTERM, SIGINT): what still runs then is ended.
     #[serde(default, deserialize_with = "de_timeout")]
     pub shutdown_timeout: Option<Option<Duration>>,

@@ -139,6 +139,7 @@ pub(super) fn resolve(raw: RawConfig) -> Result<Config, ConfigError> {
         metrics_listen_addr,
         metrics_user_label: raw.metrics_user_label.unwrap_or(defaults::METRICS_USER_LABEL),
         shutdown_timeout: raw.shutdown_timeout.unwrap_or(defaults::SHUTDOWN_TIMEOUT),
+        log_format: raw.log_format.unwrap_or_default(),
         max_client_conn,
         max_packet_size,
         max_prepared_statements: raw
