@@ -87,14 +87,17 @@ impl Watch {
         self.inner.drain.load(Ordering::Acquire)
     }
 
-    /// Ready once draining starts.
+    /// Ready once draining starts (registering `cx`'s task to be woken for it).
     pub fn poll_drain(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.poll_flag(cx, &self.inner.drain)
-    }
-
-    /// Ready once the session must end whatever it is doing.
-    pub fn poll_kill(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.poll_flag(cx, &self.inner.kill)
+        if self.draining() {
+            return Poll::Ready(());
+        }
+        self.register(cx);
+        if self.draining() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Has the task of `cx` woken by the next signal (a wake takes the registration). The
@@ -112,18 +115,6 @@ impl Watch {
     /// Waits until draining starts.
     pub async fn drained(&self) {
         std::future::poll_fn(|cx| self.poll_drain(cx)).await;
-    }
-
-    fn poll_flag(&self, cx: &mut Context<'_>, flag: &AtomicBool) -> Poll<()> {
-        if flag.load(Ordering::Acquire) {
-            return Poll::Ready(());
-        }
-        self.waker.register(cx.waker());
-        if flag.load(Ordering::Acquire) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
     }
 }
 
@@ -147,7 +138,15 @@ mod tests {
             async move {
                 let w = s.watch();
                 w.drained().await;
-                std::future::poll_fn(|cx| w.poll_kill(cx)).await;
+                std::future::poll_fn(|cx| {
+                    w.register(cx);
+                    if w.killed() {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
+                })
+                .await;
             }
         });
         tokio::task::yield_now().await;

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::raw::{self, Raw};
@@ -73,16 +73,21 @@ async fn waiters_are_served_in_fifo_order() {
     let proxy = start_proxy(&db.config("default_pool_size = 1", "auth = \"trust\"")).await;
     let url = db.url(&proxy);
     let holder = connect(&url).await;
+    holder
+        .simple_query("create table served (id serial, i int)")
+        .await
+        .unwrap();
     holder.simple_query("begin; select 1").await.unwrap();
     let pool = proxy.pools().all()[0].clone();
-    let order = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for i in 0..5u32 {
         let c = connect(&url).await;
-        let order = order.clone();
+        // The order of service is recorded by the backend itself (one server connection runs
+        // them one after another), not by the clients' tasks, which race to note it.
         tasks.push(tokio::spawn(async move {
-            c.simple_query("select 1").await.unwrap();
-            order.lock().unwrap().push(i);
+            c.simple_query(&format!("insert into served (i) values ({i})"))
+                .await
+                .unwrap();
         }));
         // Queue them one after another, so their arrival order is known.
         assert!(eventually(LIMIT, || pool.counts().waiting == i + 1).await);
@@ -91,7 +96,18 @@ async fn waiters_are_served_in_fifo_order() {
     for t in tasks {
         tokio::time::timeout(LIMIT, t).await.unwrap().unwrap();
     }
-    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+    let order = first_value(
+        &holder
+            .simple_query("select string_agg(i::text, ',' order by id) from served")
+            .await
+            .unwrap(),
+    );
+    let order: Vec<u32> = order
+        .unwrap_or_default()
+        .split(',')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(order, vec![0, 1, 2, 3, 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,27 +48,8 @@ pub async fn serve<C: AsyncRead + AsyncWrite + Unpin>(stream: C, ctx: Arc<Client
     };
     let pool = session.pool.clone();
     pool.timings.login.observe(accepted.elapsed());
-    let _connected = Connected::new(&pool);
+    let _connected = crate::pool::Gauged::new(&pool, |s| &s.clients);
     if session::run(&mut io, *session).await.is_err() {
         tracing::debug!(pool = %pool.key, "client connection closed");
-    }
-}
-
-/// A client in its pool's gauge of connected clients, for as long as it lives.
-struct Connected(Arc<crate::pool::Pool>);
-
-impl Connected {
-    fn new(pool: &Arc<crate::pool::Pool>) -> Connected {
-        crate::pool::PoolStats::bump(&pool.stats.clients);
-        Connected(pool.clone())
-    }
-}
-
-impl Drop for Connected {
-    fn drop(&mut self) {
-        self.0
-            .stats
-            .clients
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -18,7 +18,7 @@ use crate::config::duration::fmt_duration;
 use crate::config::PoolMode;
 use crate::notify::request::{self as listen_request, Found};
 use crate::notify::{Delivery, Subscription};
-use crate::pool::{Pool, PoolStats, Pooled};
+use crate::pool::{Gauged, Pool, PoolStats, Pooled};
 use crate::proto::backend::{self, PgError, Severity};
 use crate::proto::frame::parse_header;
 use crate::proto::sql::ListenCommand;
@@ -56,7 +56,7 @@ pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(
 #[derive(Default)]
 struct Pinned {
     server: Option<Pooled>,
-    counted: Option<PinTicket>,
+    counted: Option<Gauged>,
 }
 
 impl Pinned {
@@ -72,28 +72,9 @@ impl Pinned {
         if !pinned {
             self.counted = None;
         } else if self.counted.is_none() {
-            self.counted = Some(PinTicket::new(pool));
+            PoolStats::bump(&pool.stats.pins);
+            self.counted = Some(Gauged::new(pool, |s| &s.pinned_clients));
         }
-    }
-}
-
-/// One pinned client in its pool's `pinned_clients` gauge, for as long as it lives.
-struct PinTicket(Arc<Pool>);
-
-impl PinTicket {
-    fn new(pool: &Arc<Pool>) -> PinTicket {
-        PoolStats::bump(&pool.stats.pins);
-        PoolStats::bump(&pool.stats.pinned_clients);
-        PinTicket(pool.clone())
-    }
-}
-
-impl Drop for PinTicket {
-    fn drop(&mut self) {
-        self.0
-            .stats
-            .pinned_clients
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -256,7 +237,9 @@ async fn serve<C: AsyncRead + AsyncWrite + Unpin>(
                     Err(e) => {
                         tracing::info!(pool = %s.pool.key, error = %e, "request failed before reaching a server");
                         let e = e.to_pg_error(Severity::Error);
-                        s.pool.stats.count_errors(&[(class_of(e.code()), 1)]);
+                        s.pool
+                            .stats
+                            .count_errors(&[(crate::relay::sqlstate_class(e.code()), 1)]);
                         fail_request(io, &e, b'I').await?;
                         continue;
                     }
@@ -578,13 +561,6 @@ fn collect_counters(pool: &Pool, view: &mut SessionView) {
     if !c.errors.is_empty() {
         pool.stats.count_errors(&c.errors);
     }
-}
-
-/// The SQLSTATE class of `code`, as the counters keep it.
-fn class_of(code: &str) -> [u8; 2] {
-    let mut c = crate::relay::StatementCounters::default();
-    c.error(code);
-    c.errors.first().map_or(*b"??", |(class, _)| *class)
 }
 
 /// Returns or closes the server connection of a client that left.

@@ -62,11 +62,6 @@ impl Histogram {
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         (cumulative, total, sum)
     }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
-    }
 }
 
 /// A pool's latency histograms.
@@ -182,7 +177,6 @@ mod tests {
         h.observe(Duration::from_secs(61));
         let (cumulative, count, sum) = h.snapshot();
         assert_eq!(count, 3);
-        assert_eq!(h.count(), 3);
         assert_eq!(&cumulative[..3], &[1, 2, 2]);
         assert_eq!(cumulative.last(), Some(&2));
         assert!((sum - 61.000_101).abs() < 1e-9);

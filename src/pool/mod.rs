@@ -37,6 +37,31 @@ use crate::server::{LoginCredentials, ServerConn, ServerParams, ServerTarget};
 use crate::settings::Replayable;
 use tenant::{Capped, TenantState};
 
+/// One unit of a pool's gauge (`PoolStats::clients`, `pinned_clients`), counted while it
+/// lives.
+#[derive(Debug)]
+pub struct Gauged {
+    pool: Arc<Pool>,
+    gauge: fn(&PoolStats) -> &std::sync::atomic::AtomicU64,
+}
+
+impl Gauged {
+    /// Counts one more in `gauge` of `pool`'s stats, until dropped.
+    pub fn new(pool: &Arc<Pool>, gauge: fn(&PoolStats) -> &std::sync::atomic::AtomicU64) -> Gauged {
+        PoolStats::bump(gauge(&pool.stats));
+        Gauged {
+            pool: pool.clone(),
+            gauge,
+        }
+    }
+}
+
+impl Drop for Gauged {
+    fn drop(&mut self) {
+        (self.gauge)(&self.pool.stats).fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Whether a (name, value) session setting is accepted by the backend, learned once.
 #[derive(Debug, Clone)]
 pub enum Verdict {

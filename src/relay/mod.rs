@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::io::poll_read_buf;
 
 pub use timers::Timers;
-pub use view::{ListenChanges, SessionView, StatementCounters};
+pub use view::{sqlstate_class, ListenChanges, SessionView, StatementCounters};
 
 use crate::config::duration::fmt_duration;
 use crate::notify::request::{self as listen_request, Found};

@@ -31,13 +31,18 @@ pub struct ListenChanges {
     pub unlisten: HashSet<String>,
 }
 
+/// The SQLSTATE class of `code` (its first two characters), `??` when it has none.
+pub fn sqlstate_class(code: &str) -> [u8; 2] {
+    match code.as_bytes() {
+        [a, b, ..] if a.is_ascii_alphanumeric() && b.is_ascii_alphanumeric() => [*a, *b],
+        _ => *b"??",
+    }
+}
+
 impl StatementCounters {
     /// An ErrorResponse with SQLSTATE `code` went to the client.
     pub fn error(&mut self, code: &str) {
-        let class = match code.as_bytes() {
-            [a, b, ..] if a.is_ascii_alphanumeric() && b.is_ascii_alphanumeric() => [*a, *b],
-            _ => *b"??",
-        };
+        let class = sqlstate_class(code);
         let class = if self.errors.len() >= MAX_ERROR_CLASSES && !self.errors.iter().any(|(c, _)| *c == class)
         {
             *b"??"
